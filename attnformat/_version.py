@@ -1,0 +1,3 @@
+"""Version of the attnformat package (the library, not the file format)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""How variables are laid out on disk: chunks, compression, dtypes and declared lossy rounding.
+
+Defaults (the spec's section "Storage"):
+
+* one chunk per map: every leading dimension (step, sample, layer, head, time, node) is chunked
+  by 1 and the map dimensions (query, key, or edge) are whole, so reading one head is one read;
+  maps larger than 2048 x 2048 elements are tiled in 2048 x 2048 chunks;
+* lossless compression: Blosc LZ4 with bit-shuffle in Zarr (fast to decode, and the shuffle is
+  what makes attention compress: the exponent bits of probabilities are nearly constant),
+  deflate + shuffle in HDF5 (readable by every netCDF-C build);
+* strings are variable-length UTF-8; float16 becomes float32 in HDF5 (netCDF4 has no float16).
+
+Lossy storage is never a default. ``keepbits`` rounds the mantissa to that many bits (relative
+error at most 2**-(keepbits+1)), which keeps small probabilities small but non-zero; it is
+declared on the variable with ``lossy_method = "bitround"`` and ``lossy_keepbits``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numcodecs
+import numpy as np
+import xarray as xr
+from zarr.codecs import BloscCodec
+
+from attnformat.conventions import LEADING_DIMS, MAX_MAP_CHUNK_ELEMENTS, TILE_EDGE
+
+MAP_DIMS = ("query", "key", "edge")
+
+
+def map_chunks(dims, shape) -> tuple[int, ...]:
+    """Chunk shape for a variable: 1 along leading dimensions, whole (or tiled) maps.
+
+    Examples
+    --------
+    >>> map_chunks(("layer", "head", "query", "key"), (6, 12, 512, 512))
+    (1, 1, 512, 512)
+    >>> map_chunks(("head", "query", "key"), (2, 4096, 4096))
+    (1, 2048, 2048)
+    """
+    map_elements = int(np.prod([size for dim, size in zip(dims, shape) if dim in MAP_DIMS] or [1]))
+    chunks = []
+    for dim, size in zip(dims, shape):
+        if dim in MAP_DIMS:
+            limit = TILE_EDGE if map_elements > MAX_MAP_CHUNK_ELEMENTS else size
+            if dim == "edge" and map_elements > MAX_MAP_CHUNK_ELEMENTS:
+                limit = MAX_MAP_CHUNK_ELEMENTS
+            chunks.append(max(1, min(size, limit)))
+        elif dim in LEADING_DIMS:
+            chunks.append(1)
+        else:
+            chunks.append(max(1, size))
+    return tuple(chunks)
+
+
+def is_map(dims) -> bool:
+    """True for dimensions laid out as maps (they hold query/key or edge).
+
+    Examples
+    --------
+    >>> is_map(("layer", "query", "key")), is_map(("query",)), is_map(("image_row", "image_col"))
+    (True, True, False)
+    """
+    return any(dim in MAP_DIMS for dim in dims)
+
+
+def zarr_compressors(zarr_format: int):
+    """The default lossless compressor for a Zarr format, as the encoding expects it."""
+    if zarr_format == 2:
+        return {"compressors": [numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)]}
+    return {"compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]}
+
+
+def variable_encoding(variable: xr.Variable, engine: str, zarr_format: int = 3) -> dict:
+    """Encoding dict for one variable on one engine (chunks and compression).
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> weights = xr.Variable(("head", "query", "key"), np.zeros((2, 4, 4), "float32"))
+    >>> variable_encoding(weights, "hdf5")["chunksizes"]
+    (1, 4, 4)
+    """
+    if variable.dtype.kind in "OUT" or variable.ndim == 0:
+        return {}
+    chunks = map_chunks(variable.dims, variable.shape) if is_map(variable.dims) else None
+    if engine == "hdf5":
+        encoding = {"zlib": True, "complevel": 4, "shuffle": True}
+        if chunks:
+            encoding["chunksizes"] = chunks
+        return encoding
+    encoding = dict(zarr_compressors(zarr_format))
+    if chunks:
+        encoding["chunks"] = chunks
+    return encoding
+
+
+def tree_encoding(tree: xr.DataTree, engine: str, zarr_format: int = 3) -> dict:
+    """Encoding for every variable of every group, keyed as ``DataTree.to_zarr`` expects."""
+    encoding = {}
+    for node in tree.subtree:
+        per_variable = {
+            name: variable_encoding(variable, engine, zarr_format)
+            for name, variable in node.dataset.variables.items()
+        }
+        per_variable = {name: enc for name, enc in per_variable.items() if enc}
+        if per_variable:
+            encoding[node.path] = per_variable
+    return encoding
+
+
+def prepare_for_engine(tree: xr.DataTree, engine: str) -> xr.DataTree:
+    """Return a tree whose dtypes the engine stores as the spec says.
+
+    Fixed-width strings become variable-length (object) strings; in HDF5, float16 becomes float32.
+    Encodings carried over from a file that was read are dropped so they cannot fight the defaults.
+    """
+
+    def convert_variable(variable: xr.Variable) -> xr.Variable:
+        if variable.dtype.kind in "OUT":
+            # Strings are small (labels); load them so the engine sees real values, not a dask
+            # array of unknown width, and stores them as variable-length strings.
+            variable = variable.load().astype(object)
+        elif engine == "hdf5" and variable.dtype == np.float16:
+            variable = variable.astype(np.float32)
+        else:
+            variable = variable.copy(deep=False)
+        variable.encoding = {}
+        return variable
+
+    def convert(dataset: xr.Dataset) -> xr.Dataset:
+        coords = {name: convert_variable(dataset.variables[name]) for name in dataset.coords}
+        data_vars = {name: convert_variable(dataset.variables[name]) for name in dataset.data_vars}
+        return xr.Dataset(data_vars, coords, attrs=dataset.attrs)
+
+    return tree.map_over_datasets(convert)
+
+
+def bitround(values: np.ndarray, keepbits: int) -> np.ndarray:
+    """Round floating-point values to ``keepbits`` mantissa bits (round to nearest).
+
+    Relative error is at most ``2 ** -(keepbits + 1)``; zeros stay zero and small probabilities
+    stay positive, unlike absolute quantization.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(bitround(np.array([0.1234567], "float32"), 7)[0])
+    0.12353515625
+    """
+    values = np.asarray(values)
+    if values.dtype.kind != "f":
+        raise TypeError(f"bit rounding needs floating-point values, not {values.dtype}")
+    return numcodecs.BitRound(keepbits=keepbits).encode(values).view(values.dtype).reshape(values.shape)
+
+
+def apply_keepbits(tree: xr.DataTree, keepbits: Mapping[str, int]) -> xr.DataTree:
+    """Bit-round the named variables in every site and declare it in their attributes."""
+
+    def round_dataset(dataset: xr.Dataset) -> xr.Dataset:
+        dataset = dataset.copy()
+        for name, bits in keepbits.items():
+            if name in dataset.data_vars:
+                variable = dataset[name]
+                rounded = xr.apply_ufunc(bitround, variable, kwargs={"keepbits": bits}, dask="parallelized", output_dtypes=[variable.dtype])
+                rounded.attrs = {**variable.attrs, "lossy_method": "bitround", "lossy_keepbits": int(bits)}
+                dataset[name] = rounded
+        return dataset
+
+    return tree.map_over_datasets(round_dataset)

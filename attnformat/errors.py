@@ -1,0 +1,52 @@
+"""Exceptions raised by attnformat.
+
+Every error derives from :class:`AttnFormatError`, which is also a ``ValueError`` so that
+callers that already catch ``ValueError`` keep working. Messages name the file, the group or
+variable, the spec rule id where one applies, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class AttnFormatError(ValueError):
+    """Root of every error attnformat raises on purpose."""
+
+
+class UnreadableFileError(AttnFormatError, OSError):
+    """The path does not exist, is not a store attnformat can open, or is damaged."""
+
+
+class UnsupportedFormatError(UnreadableFileError):
+    """The path's suffix names no storage engine attnformat writes (.zarr, .zarr.zip, .h5, .nc)."""
+
+
+class NonConformingError(AttnFormatError):
+    """A tree or file breaks one or more MUST rules of the spec.
+
+    ``report`` holds the :class:`attnformat.validation.ValidationReport` with every finding.
+    """
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class WriterError(AttnFormatError):
+    """A streaming write was asked to do something its declaration does not allow."""
+
+
+class SelectionError(AttnFormatError, KeyError):
+    """A selector (group, variable, layer, head, label) names something the file does not hold."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDimensionNamesError(UnreadableFileError):
+    """A stored array does not name its dimensions [ATTN-STORE-001], so no tree can be built."""
+
+    rule_id = "ATTN-STORE-001"
+
+    def __init__(self, message: str, location: str = "/"):
+        super().__init__(message)
+        self.location = location

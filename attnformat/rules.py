@@ -1,0 +1,73 @@
+"""The spec's rules, by id. The spec text, the JSON Schemas, the validator and the invalid
+conformance fixtures all use these ids; tests check that the four agree one-to-one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of the spec: its id, its RFC-2119 level and a one-line summary."""
+
+    id: str
+    level: str  # "MUST" or "SHOULD"
+    summary: str
+
+
+_RULES = [
+    Rule("ATTN-STORE-001", "MUST", "Every stored array names its dimensions (Zarr v3 dimension_names, Zarr v2 _ARRAY_DIMENSIONS, netCDF dimensions)."),
+    Rule("ATTN-ROOT-001", "MUST", "The root attribute `attnformat` is the string \"attnformat\"."),
+    Rule("ATTN-ROOT-002", "MUST", "The root attribute `attnformat_version` is a MAJOR.MINOR.PATCH string with major version 1."),
+    Rule("ATTN-ROOT-003", "MUST", "The root attribute `producer` is a non-empty string."),
+    Rule("ATTN-ROOT-004", "MUST", "The root attribute `completeness` is \"complete\" or \"incomplete\"."),
+    Rule("ATTN-ROOT-005", "MUST", "The file holds at least one attention site."),
+    Rule("ATTN-ROOT-006", "MUST", "`model_name`, `model_framework`, `model_adapter` and `description`, where present, are strings."),
+    Rule("ATTN-ROOT-007", "SHOULD", "`model_name` and `model_framework` are present."),
+    Rule("ATTN-SITE-001", "MUST", "A site's `layout` is \"dense\" or \"edge\"."),
+    Rule("ATTN-SITE-002", "MUST", "A site has `normalization`: \"softmax\", \"sparsemax\", \"sigmoid\" or \"other\"."),
+    Rule("ATTN-SITE-003", "MUST", "A softmax or sparsemax site has `normalized_dim`: \"key\" or \"query\"."),
+    Rule("ATTN-SITE-004", "MUST", "`causal`, where present, is the integer 0 or 1."),
+    Rule("ATTN-SITE-005", "MUST", "A site holds `weights` or `logits`."),
+    Rule("ATTN-SITE-006", "MUST", "No site lies inside another site."),
+    Rule("ATTN-SITE-007", "MUST", "`attention_type`, where present, is \"self\" or \"cross\"."),
+    Rule("ATTN-SITE-008", "SHOULD", "A site has `attention_type` and `causal`."),
+    Rule("ATTN-DIM-001", "MUST", "`weights`, `logits` and `bias` use only the attention dimensions."),
+    Rule("ATTN-DIM-002", "MUST", "Attention variables list their dimensions in the canonical order."),
+    Rule("ATTN-DIM-003", "MUST", "Dense `weights`/`logits` have `query` and `key` and no `edge`; edge ones have `edge` and neither `query` nor `key`."),
+    Rule("ATTN-DIM-004", "MUST", "`weights` and `logits` in one site have the same dimensions."),
+    Rule("ATTN-DIM-005", "MUST", "`bias` uses a subset of the dimensions of `weights`/`logits`."),
+    Rule("ATTN-COORD-001", "MUST", "A `step` dimension has an integer `step` coordinate that strictly increases."),
+    Rule("ATTN-COORD-002", "MUST", "`layer` and `head` coordinates, where present, are integers without repeats."),
+    Rule("ATTN-COORD-003", "MUST", "Label coordinates (`query_label`, `key_label`, `node_label`) are strings on (labelled dim) or (sample, labelled dim)."),
+    Rule("ATTN-COORD-004", "MUST", "Masks (`query_mask`, `key_mask`) are boolean on (query|key) or (sample, query|key)."),
+    Rule("ATTN-COORD-005", "MUST", "Positions are integers and groups are strings or integers, on (query|key) or (sample, query|key)."),
+    Rule("ATTN-VAR-001", "MUST", "`weights`, `logits` and `bias` are floating point."),
+    Rule("ATTN-VAR-002", "MUST", "Every other data variable of a site has a `role` attribute from the spec's list."),
+    Rule("ATTN-VAR-003", "MUST", "A `pairwise` variable ends in (query, key); an `image` variable has (sample?, image_row, image_col, channel?)."),
+    Rule("ATTN-VAR-004", "SHOULD", "A `pairwise` variable has `units`."),
+    Rule("ATTN-VAL-001", "MUST", "Softmax and sparsemax weights lie in [0, 1] (NaN marks a map that was not captured)."),
+    Rule("ATTN-VAL-002", "MUST", "Softmax weights sum to 1 over `normalized_dim`, within the tolerance, for every captured, unmasked row."),
+    Rule("ATTN-VAL-003", "MUST", "Causal dense self-attention puts zero weight on keys after the query."),
+    Rule("ATTN-VAL-004", "MUST", "Softmax weights are zero on keys whose `key_mask` is false."),
+    Rule("ATTN-VAL-005", "SHOULD", "Where `logits` and softmax `weights` are both stored, softmax(logits) equals `weights`."),
+    Rule("ATTN-EDGE-001", "MUST", "An edge site has integer `source` and `target` coordinates on (edge,)."),
+    Rule("ATTN-EDGE-002", "MUST", "An edge site's `edge_node_dim` names a dimension of the site (\"node\" or \"time\") that the attention variables do not use."),
+    Rule("ATTN-EDGE-003", "MUST", "`source` and `target` are 0-based indices below the size of `edge_node_dim`."),
+    Rule("ATTN-IMG-001", "MUST", "`patch_grid`, where present, is two positive integers [rows, cols]."),
+    Rule("ATTN-IMG-002", "MUST", "Patch coordinates are integers, -1 for tokens that are no patch, else inside `patch_grid` (which must be present)."),
+    Rule("ATTN-LOSSY-001", "MUST", "`lossy_method` is \"bitround\" with integer `lossy_keepbits` (1-52) or \"quantize\" with positive `lossy_absolute_error`."),
+]
+
+RULES: dict[str, Rule] = {rule.id: rule for rule in _RULES}
+
+
+def rule(rule_id: str) -> Rule:
+    """Look up a rule by id.
+
+    Examples
+    --------
+    >>> rule("ATTN-SITE-001").level
+    'MUST'
+    """
+    return RULES[rule_id]

@@ -1,0 +1,375 @@
+"""Streaming writer: declare a site once, then write one layer (or head, sample, step) at a time.
+
+Memory holds what one ``write`` call passes, never the whole model. Values go straight into the
+store's chunks. The store is a Zarr directory written next to the destination as
+``<name>.partial.zarr``; :meth:`Writer.close` marks it complete, consolidates its metadata and
+moves it into place (or converts it, for ``.zarr.zip`` and ``.h5`` destinations). If the process
+dies first, the partial store stays: it opens, holds every map written so far, reads NaN where
+nothing was written, and says ``completeness = "incomplete"``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from attnformat._version import __version__
+from attnformat.conventions import (
+    ATTENTION_DIMS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LAYOUTS,
+    LEADING_DIMS,
+    ROOT_COMPLETENESS,
+    ROOT_FORMAT,
+    ROOT_PRODUCER,
+    ROOT_VERSION,
+    canonical_dims,
+)
+from attnformat.encoding import bitround, is_map, map_chunks, zarr_compressors
+from attnformat.engines import engine_name_for_path
+from attnformat.errors import AttnFormatError, WriterError
+
+PARTIAL_SUFFIX = ".partial.zarr"
+_DEFAULT_SITE_ATTRS = {"normalization": "softmax", "normalized_dim": "key"}
+
+
+class Writer:
+    """Write an attention file incrementally.
+
+    Parameters
+    ----------
+    path
+        Destination: ``.zarr``, ``.zarr.zip``, ``.h5`` or ``.nc``.
+    model_name, model_framework, model_adapter, description
+        Root attributes describing where the attention came from.
+    producer
+        Who wrote the file; defaults to ``"attnformat <version>"``.
+    attrs
+        More root attributes (JSON-serializable scalars, strings or lists of them).
+    overwrite
+        Replace ``path`` at close if it exists (the old file stays until then).
+    zarr_format
+        3 (default) or 2.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib, attnformat
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "run.attn.zarr"
+    >>> with attnformat.Writer(out, model_name="toy") as writer:
+    ...     site = writer.create_site("encoder/self", sizes={"layer": 2, "head": 2, "query": 3, "key": 3},
+    ...                               coords={"query_label": ("query", ["a", "b", "c"]), "key_label": ("key", ["a", "b", "c"])})
+    ...     for layer in range(2):
+    ...         site.write("weights", np.full((2, 3, 3), 1 / 3), layer=layer)
+    >>> attnformat.open(out)["encoder/self"]["weights"].sel(layer=1, head=0).values.sum(axis=-1)
+    array([1., 1., 1.], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        model_name: str | None = None,
+        model_framework: str | None = None,
+        model_adapter: str | None = None,
+        description: str | None = None,
+        producer: str | None = None,
+        attrs: Mapping | None = None,
+        overwrite: bool = False,
+        zarr_format: int = 3,
+    ):
+        self.path = Path(path)
+        self.engine_name = engine_name_for_path(self.path)
+        if self.path.exists() and not overwrite:
+            raise AttnFormatError(f"{self.path}: already exists; pass overwrite=True to replace it")
+        self.overwrite = overwrite
+        self.zarr_format = zarr_format
+        self.store_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        if self.store_path.exists():
+            shutil.rmtree(self.store_path)
+        root_attrs = {
+            ROOT_FORMAT: FORMAT_NAME,
+            ROOT_VERSION: FORMAT_VERSION,
+            ROOT_PRODUCER: producer or f"attnformat {__version__}",
+            ROOT_COMPLETENESS: "incomplete",
+        }
+        for key, value in (("model_name", model_name), ("model_framework", model_framework), ("model_adapter", model_adapter), ("description", description)):
+            if value is not None:
+                root_attrs[key] = value
+        root_attrs.update(dict(attrs or {}))
+        self.root = zarr.open_group(str(self.store_path), mode="w", zarr_format=zarr_format, attributes=root_attrs)
+        self.sites: dict[str, SiteWriter] = {}
+        self.closed = False
+
+    def create_site(
+        self,
+        name: str,
+        *,
+        sizes: Mapping[str, int],
+        layout: str = "dense",
+        variables: Sequence[str] | Mapping[str, Sequence[str]] = ("weights",),
+        dtype: str | np.dtype = "float32",
+        coords: Mapping | None = None,
+        attrs: Mapping | None = None,
+        keepbits: Mapping[str, int] | None = None,
+    ) -> SiteWriter:
+        """Declare an attention site: its dimensions, variables, coordinates and attributes.
+
+        ``sizes`` maps each dimension to its length (``step`` may be 0: it grows as steps are
+        written). ``variables`` names the attention variables to create with every dimension in
+        ``sizes``, or maps a name to a subset of dimensions (a bias shared by all heads, say).
+        ``coords`` maps a coordinate name to ``(dims, values)``, or a dimension name to values.
+        ``attrs`` are the site's attributes (``normalization`` defaults to ``"softmax"`` and
+        ``normalized_dim`` to ``"key"``). ``keepbits`` bit-rounds named variables (declared).
+
+        Examples
+        --------
+        >>> import tempfile, pathlib, attnformat
+        >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+        >>> site = writer.create_site("self", sizes={"head": 4, "query": 8, "key": 8})
+        >>> site.dims["weights"]
+        ('head', 'query', 'key')
+        """
+        self._check_open()
+        name = name.strip("/")
+        if name in self.sites:
+            raise WriterError(f"{self.path}: site {name!r} is already declared")
+        if layout not in LAYOUTS:
+            raise WriterError(f"{self.path}:{name}: layout must be one of {LAYOUTS}, not {layout!r} [ATTN-SITE-001]")
+        site_attrs = {**_DEFAULT_SITE_ATTRS, "layout": layout, **dict(attrs or {})}
+        group = self.root
+        for part in name.split("/"):
+            group = group.require_group(part)
+        group.attrs.update(site_attrs)
+        site = SiteWriter(self, group, name, dict(sizes), variables, np.dtype(dtype), dict(coords or {}), dict(keepbits or {}))
+        self.sites[name] = site
+        return site
+
+    def close(self, *, complete: bool = True) -> Path:
+        """Finish the file: mark it (in)complete, consolidate metadata, move it into place.
+
+        Returns the path of the finished file. Called by the ``with`` block; after an
+        exception inside the block the file is closed with ``complete=False``.
+        """
+        if self.closed:
+            return self.path
+        self.closed = True
+        self.root.attrs[ROOT_COMPLETENESS] = "complete" if complete else "incomplete"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(self.store_path))
+        if self.engine_name == "zarr":
+            from attnformat.saving import _move_into_place
+
+            if self.path.exists() and not self.overwrite:
+                raise AttnFormatError(f"{self.path}: appeared while writing; the data is kept in {self.store_path}")
+            _move_into_place(self.store_path, self.path)
+        else:
+            from attnformat.saving import convert
+
+            convert(self.store_path, self.path, overwrite=self.overwrite, zarr_format=self.zarr_format)
+            shutil.rmtree(self.store_path)
+        return self.path
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise WriterError(f"{self.path}: the writer is closed")
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(complete=exc_type is None)
+
+
+class SiteWriter:
+    """Writes the variables of one attention site; made by :meth:`Writer.create_site`."""
+
+    def __init__(self, writer, group, name, sizes, variables, dtype, coords, keepbits):
+        self.writer, self.group, self.name, self.dtype, self.keepbits = writer, group, name, dtype, keepbits
+        self.where = f"{writer.path}:{name}"
+        unknown = [d for d in sizes if d not in ATTENTION_DIMS]
+        if unknown:
+            raise WriterError(f"{self.where}: unknown dimensions {unknown}; attention dimensions are {ATTENTION_DIMS} [ATTN-DIM-001]")
+        layout = group.attrs["layout"]
+        needed = ("query", "key") if layout == "dense" else ("edge",)
+        if any(d not in sizes for d in needed):
+            raise WriterError(f"{self.where}: a {layout} site needs dimensions {needed} in sizes [ATTN-DIM-003]")
+        self.sizes = {dim: int(sizes[dim]) for dim in canonical_dims(sizes)}
+        if "step" in self.sizes:
+            self.sizes["step"] = 0
+        self.labels: dict[str, list] = {}
+        self.coord_dims: dict[str, tuple[str, ...]] = {}
+        self._write_coords(coords)
+        if isinstance(variables, Mapping):
+            requested = {var: canonical_dims(dims) if dims else tuple(self.sizes) for var, dims in variables.items()}
+        else:
+            requested = {var: tuple(self.sizes) for var in variables}
+        self.dims: dict[str, tuple[str, ...]] = {}
+        for variable, dims in requested.items():
+            self._create_array(variable, dims, self.dtype, fill_value=np.nan, attrs=self._lossy_attrs(variable))
+
+    # -- declaration -------------------------------------------------------------------------
+    def _write_coords(self, coords: Mapping) -> None:
+        for dim in LEADING_DIMS:
+            if dim in self.sizes and dim not in coords:
+                coords = {**coords, dim: np.arange(self.sizes[dim], dtype=np.int64)}
+        for name, spec in coords.items():
+            dims, values = _split_coord_spec(name, spec)
+            if name == "step":
+                values = values.astype(np.int64)
+            expected = tuple(self.sizes.get(d, values.shape[i] if i < values.ndim else -1) for i, d in enumerate(dims))
+            if values.shape != expected and name != "step":
+                raise WriterError(f"{self.where}: coordinate {name!r} has shape {values.shape}, but its dimensions {dims} have sizes {expected}")
+            for i, dim in enumerate(dims):
+                self.sizes.setdefault(dim, values.shape[i])
+            if dims == (name,) and name in LEADING_DIMS:
+                self.labels[name] = values.tolist()
+            self.coord_dims[name] = dims
+            dtype = str if values.dtype.kind in "OUT" else values.dtype
+            array = self._new_array(name, values.shape, dims, dtype, fill_value=None, chunks=values.shape or None)
+            if values.size:
+                array[...] = values.astype(object) if dtype is str else values
+        if "step" in self.sizes:
+            self.labels.setdefault("step", [])
+
+    def _lossy_attrs(self, variable: str) -> dict:
+        bits = self.keepbits.get(variable)
+        return {"lossy_method": "bitround", "lossy_keepbits": int(bits)} if bits is not None else {}
+
+    def _create_array(self, name, dims, dtype, *, fill_value, attrs=None):
+        if name in self.dims or name in self.coord_dims:
+            raise WriterError(f"{self.where}: variable {name!r} already exists")
+        shape = tuple(self.sizes[d] for d in dims)
+        chunks = map_chunks(dims, shape) if is_map(dims) else None
+        coordinates = sorted(c for c, cdims in self.coord_dims.items() if set(cdims) <= set(dims) and cdims != (c,))
+        attrs = dict(attrs or {})
+        if coordinates:
+            attrs["coordinates"] = " ".join(coordinates)
+        self._new_array(name, shape, dims, dtype, fill_value=fill_value, chunks=chunks, attrs=attrs)
+        self.dims[name] = tuple(dims)
+
+    def _new_array(self, name, shape, dims, dtype, *, fill_value, chunks, attrs=None):
+        attrs = dict(attrs or {})
+        kwargs = {}
+        if self.writer.zarr_format == 3:
+            kwargs["dimension_names"] = dims
+        else:
+            attrs["_ARRAY_DIMENSIONS"] = list(dims)
+        if dtype is not str:
+            kwargs.update(zarr_compressors(self.writer.zarr_format))
+        chunk_shape = tuple(max(1, c) for c in (chunks or shape)) or None
+        if "step" in dims:  # an appendable dimension: chunk it by one step
+            chunk_shape = tuple(1 if d == "step" else c for d, c in zip(dims, chunk_shape))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.group.create_array(name, shape=shape, chunks=chunk_shape, dtype=dtype, fill_value=fill_value, attributes=attrs, **kwargs)
+
+    def add_variable(self, name: str, values, dims: Sequence[str], *, attrs: Mapping | None = None) -> None:
+        """Write a whole auxiliary variable at once (distances, an image, scores).
+
+        Its dimensions must be known to the site or new auxiliary ones (``image_row``...); give it
+        a ``role`` attribute (``"pairwise"``, ``"image"``, ...) as the spec asks.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, pathlib, attnformat
+        >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+        >>> site = writer.create_site("self", sizes={"query": 3, "key": 3})
+        >>> site.add_variable("distance", np.ones((3, 3)), ("query", "key"), attrs={"role": "pairwise", "units": "angstrom"})
+        """
+        values = np.asarray(values)
+        dims = tuple(dims)
+        if values.ndim != len(dims):
+            raise WriterError(f"{self.where}/{name}: {values.ndim}-d values for dimensions {dims}")
+        for dim, size in zip(dims, values.shape):
+            if self.sizes.setdefault(dim, size) != size:
+                raise WriterError(f"{self.where}/{name}: dimension {dim!r} has size {self.sizes[dim]}, values have {size}")
+        dtype = str if values.dtype.kind in "OUT" else values.dtype
+        fill = np.nan if values.dtype.kind == "f" else None
+        self._create_array(name, dims, dtype, fill_value=fill, attrs=attrs)
+        self.group[name][...] = values.astype(object) if dtype is str else values
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, variable: str, values, **selection) -> None:
+        """Write ``values`` into ``variable`` at the map(s) picked by ``selection``.
+
+        ``selection`` picks one label per leading dimension (``layer=3``, ``head=0``,
+        ``step=1200``, ``sample=1``); ``values`` covers every dimension not picked, in canonical
+        order. A ``step`` label greater than every step so far appends a step.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, pathlib, attnformat
+        >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+        >>> site = writer.create_site("self", sizes={"step": 0, "head": 2, "query": 2, "key": 2})
+        >>> site.write("weights", np.full((2, 2, 2), 0.5), step=100)
+        >>> site.write("weights", np.full((2, 2, 2), 0.5), step=200)
+        >>> site.labels["step"]
+        [100, 200]
+        """
+        self.writer._check_open()
+        if variable not in self.dims:
+            raise WriterError(f"{self.where}: no variable {variable!r}; declared: {', '.join(self.dims)}")
+        dims = self.dims[variable]
+        extra = [d for d in selection if d not in dims]
+        if extra:
+            raise WriterError(f"{self.where}/{variable}: cannot select {extra}; its dimensions are {dims}")
+        if "step" in selection:
+            self._ensure_step(selection["step"])
+        region = []
+        for dim in dims:
+            if dim in selection:
+                region.append(self._position(variable, dim, selection[dim]))
+            else:
+                region.append(slice(None))
+        expected = tuple(self.sizes[d] for d in dims if d not in selection)
+        values = np.asarray(values, dtype=self.dtype)
+        if values.shape != expected:
+            where = ", ".join(f"{d}={selection[d]}" for d in selection)
+            raise WriterError(
+                f"{self.where}/{variable} [{where}]: values have shape {values.shape}, expected {expected} "
+                f"for dimensions {tuple(d for d in dims if d not in selection)}"
+            )
+        if variable in self.keepbits and values.dtype.kind == "f":
+            values = bitround(values, self.keepbits[variable])
+        self.group[variable][tuple(region)] = values
+
+    def _position(self, variable: str, dim: str, label) -> int:
+        labels = self.labels.get(dim)
+        if labels is None:
+            raise WriterError(f"{self.where}/{variable}: dimension {dim!r} cannot be selected")
+        try:
+            return labels.index(label)
+        except ValueError:
+            raise WriterError(f"{self.where}/{variable}: {dim}={label!r} is not declared; {dim} labels: {labels}") from None
+
+    def _ensure_step(self, step) -> None:
+        steps = self.labels["step"]
+        step = int(step)
+        if step in steps:
+            return
+        if steps and step < steps[-1]:
+            raise WriterError(f"{self.where}: step {step} comes after step {steps[-1]}; steps must increase [ATTN-COORD-001]")
+        steps.append(step)
+        self.sizes["step"] = len(steps)
+        for name in list(self.dims) + ["step"]:
+            array = self.group[name]
+            dims = self.dims.get(name, ("step",))
+            if "step" in dims:
+                array.resize(tuple(self.sizes[d] for d in dims))
+        self.group["step"][len(steps) - 1] = step
+
+
+def _split_coord_spec(name: str, spec) -> tuple[tuple[str, ...], np.ndarray]:
+    """``(dims, values)`` from a coordinate given as ``(dims, values)`` or as bare values of ``name``."""
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (str, tuple)) and not isinstance(spec[1], str):
+        dims = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+        return dims, np.asarray(spec[1])
+    return (name,), np.asarray(spec)

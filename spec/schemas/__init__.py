@@ -1,0 +1,1 @@
+"""JSON Schemas of the attnformat spec, shipped as package data (this folder is spec/schemas)."""
