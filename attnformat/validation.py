@@ -351,10 +351,12 @@ def _check_patches(dataset: xr.Dataset, attrs, location: str, report: Validation
     names = [n for pair in PATCH_COORDS.values() for n in pair if n in dataset.variables]
     if not names:
         return
-    grid = _as_json(attrs.get("patch_grid"))
-    if not (isinstance(grid, list) and len(grid) == 2):
+    if "patch_grid" not in attrs:
         report.add("ATTN-IMG-002", location, "patch coordinates need a 'patch_grid' attribute [rows, cols]")
         return
+    grid = _as_json(attrs["patch_grid"])
+    if not (isinstance(grid, list) and len(grid) == 2):
+        return  # ATTN-IMG-001, reported through the schema
     for name in names:
         values = dataset.variables[name]
         limit = grid[0] if name.endswith("_row") else grid[1]

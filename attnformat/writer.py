@@ -201,16 +201,17 @@ class SiteWriter:
         needed = ("query", "key") if layout == "dense" else ("edge",)
         if any(d not in sizes for d in needed):
             raise WriterError(f"{self.where}: a {layout} site needs dimensions {needed} in sizes [ATTN-DIM-003]")
-        self.sizes = {dim: int(sizes[dim]) for dim in canonical_dims(sizes)}
+        declared = canonical_dims(sizes)
+        self.sizes = {dim: int(sizes[dim]) for dim in declared}
         if "step" in self.sizes:
             self.sizes["step"] = 0
         self.labels: dict[str, list] = {}
         self.coord_dims: dict[str, tuple[str, ...]] = {}
         self._write_coords(coords)
         if isinstance(variables, Mapping):
-            requested = {var: canonical_dims(dims) if dims else tuple(self.sizes) for var, dims in variables.items()}
+            requested = {var: canonical_dims(dims) if dims else declared for var, dims in variables.items()}
         else:
-            requested = {var: tuple(self.sizes) for var in variables}
+            requested = {var: declared for var in variables}
         self.dims: dict[str, tuple[str, ...]] = {}
         for variable, dims in requested.items():
             self._create_array(variable, dims, self.dtype, fill_value=np.nan, attrs=self._lossy_attrs(variable))
@@ -254,6 +255,17 @@ class SiteWriter:
             attrs["coordinates"] = " ".join(coordinates)
         self._new_array(name, shape, dims, dtype, fill_value=fill_value, chunks=chunks, attrs=attrs)
         self.dims[name] = tuple(dims)
+        self._attach_loose_coordinates()
+
+    def _attach_loose_coordinates(self) -> None:
+        # A coordinate no variable covers (node labels beside edge weights) is listed in the
+        # group's own "coordinates" attribute, as xarray does, so readers still see a coordinate.
+        covered = {c for name in self.dims for c in str(self.group[name].attrs.get("coordinates", "")).split()}
+        loose = sorted(c for c, cdims in self.coord_dims.items() if cdims != (c,) and c not in covered)
+        if loose:
+            self.group.attrs["coordinates"] = " ".join(loose)
+        elif "coordinates" in self.group.attrs:
+            del self.group.attrs["coordinates"]
 
     def _new_array(self, name, shape, dims, dtype, *, fill_value, chunks, attrs=None):
         attrs = dict(attrs or {})

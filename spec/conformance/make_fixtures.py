@@ -1,0 +1,152 @@
+"""Regenerate the conformance fixtures: ``valid/<example>.zarr`` and ``invalid/<RULE-ID>.zarr``.
+
+Valid fixtures are the library's examples written with :func:`attnformat.save`. Each invalid
+fixture starts from a valid example and breaks exactly one MUST rule; it is written with plain
+xarray (attnformat's own writer refuses nonconforming trees). ``tests/core/test_conformance.py``
+checks that the validator reports exactly that rule id for each, and that every MUST rule of the
+spec has its fixture.
+
+Run from the repository root::
+
+    python spec/conformance/make_fixtures.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from attnformat import save
+from attnformat.examples import EXAMPLES, build
+
+HERE = Path(__file__).parent
+
+
+def _with_site(name: str, site: str, change) -> xr.DataTree:
+    tree = build(name)
+    datasets = {node.path: node.to_dataset(inherit=False) for node in tree.subtree}
+    datasets[f"/{site}"] = change(datasets[f"/{site}"])
+    return xr.DataTree.from_dict(datasets)
+
+
+def _with_root_attrs(**attrs) -> xr.DataTree:
+    tree = build("dense")
+    tree.attrs = {**tree.attrs, **attrs}
+    return tree
+
+
+def _without_attr(name: str, site: str, attr: str) -> xr.DataTree:
+    def drop(ds):
+        ds.attrs = {k: v for k, v in ds.attrs.items() if k != attr}
+        return ds
+
+    return _with_site(name, site, drop)
+
+
+def _set_attrs(name: str, site: str, **attrs) -> xr.DataTree:
+    return _with_site(name, site, lambda ds: ds.assign_attrs(**attrs))
+
+
+def _edit_weights(name: str, site: str, edit) -> xr.DataTree:
+    def change(ds):
+        values = ds["weights"].values.copy()
+        edit(values)
+        ds = ds.drop_vars([v for v in ("logits",) if v in ds])  # keep ATTN-VAL-005 warnings out
+        ds["weights"] = ds["weights"].copy(data=values)
+        return ds
+
+    return _with_site(name, site, change)
+
+
+def _move_weight(values, row_index, from_key, to_key):
+    row = values[row_index]
+    row[to_key] += row[from_key]
+    row[from_key] = 0.0
+
+
+def _nested_site() -> xr.DataTree:
+    tree = build("dense")
+    datasets = {node.path: node.to_dataset(inherit=False) for node in tree.subtree}
+    datasets["/encoder/self/inner"] = datasets["/encoder/self"]
+    return xr.DataTree.from_dict(datasets)
+
+
+def _rename_attention_dim(old: str, new: str):
+    def change(ds):
+        return ds.assign({name: ds[name].rename({old: new}) for name in ("weights", "logits")})
+
+    return change
+
+
+INVALID = {
+    "ATTN-ROOT-001": lambda: _with_root_attrs(attnformat="attnfmt"),
+    "ATTN-ROOT-002": lambda: _with_root_attrs(attnformat_version="2.0.0"),
+    "ATTN-ROOT-003": lambda: _with_root_attrs(producer=""),
+    "ATTN-ROOT-004": lambda: _with_root_attrs(completeness="done"),
+    "ATTN-ROOT-005": lambda: _without_attr("dense", "encoder/self", "layout"),
+    "ATTN-ROOT-006": lambda: _with_root_attrs(model_name=5),
+    "ATTN-SITE-001": lambda: _set_attrs("dense", "encoder/self", layout="sparse"),
+    "ATTN-SITE-002": lambda: _without_attr("dense", "encoder/self", "normalization"),
+    "ATTN-SITE-003": lambda: _without_attr("dense", "encoder/self", "normalized_dim"),
+    "ATTN-SITE-004": lambda: _set_attrs("dense", "encoder/self", causal=2),
+    "ATTN-SITE-005": lambda: _with_site("dense", "encoder/self", lambda ds: ds.drop_vars(["weights", "logits"])),
+    "ATTN-SITE-006": _nested_site,
+    "ATTN-SITE-007": lambda: _set_attrs("dense", "encoder/self", attention_type="mutual"),
+    "ATTN-DIM-001": lambda: _with_site("dense", "encoder/self", _rename_attention_dim("head", "heads")),
+    "ATTN-DIM-002": lambda: _with_site("dense", "encoder/self", lambda ds: ds.transpose("head", "layer", "query", "key")),
+    "ATTN-DIM-003": lambda: _with_site("dense", "encoder/self", _rename_attention_dim("key", "edge")),
+    "ATTN-DIM-004": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign(logits=ds["logits"].isel(head=0, drop=True))),
+    "ATTN-DIM-005": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign(bias=(("sample", "query", "key"), np.zeros((1, 6, 6), "float32")))),
+    "ATTN-COORD-001": lambda: _with_site("steps", "trunk/iga", lambda ds: ds.assign_coords(step=[100, 300, 200])),
+    "ATTN-COORD-002": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign_coords(layer=[0, 0])),
+    "ATTN-COORD-003": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign_coords(query_label=("query", np.arange(6)))),
+    "ATTN-COORD-004": lambda: _with_site("padded-batch", "encoder/self", lambda ds: ds.assign_coords(query_mask=ds["query_mask"].astype("int8"))),
+    "ATTN-COORD-005": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign_coords(query_position=ds["query_position"].astype("float64"))),
+    "ATTN-VAR-001": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign(weights=(ds["weights"] > 0.5).astype("int32")).drop_vars("logits")),
+    "ATTN-VAR-002": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign(extra=(("query",), np.zeros(6)))),
+    "ATTN-VAR-003": lambda: _with_site("steps", "trunk/iga", lambda ds: ds.assign(distance=ds["distance"].transpose("key", "query"))),
+    "ATTN-VAL-001": lambda: _edit_weights("dense", "encoder/self", lambda w: w[0, 0, 0].__setitem__(slice(0, 2), [1.5, -0.5]) or w[0, 0, 0].__setitem__(slice(2, None), 0.0)),
+    "ATTN-VAL-002": lambda: _edit_weights("dense", "encoder/self", lambda w: w[1, 2, 3].__imul__(0.9)),
+    "ATTN-VAL-003": lambda: _edit_weights("encoder-decoder", "decoder/self", lambda w: _move_weight(w[0, 0], 1, 0, 3)),
+    "ATTN-VAL-004": lambda: _edit_weights("padded-batch", "encoder/self", lambda w: _move_weight(w[1, 0, 0], 0, 0, 4)),
+    "ATTN-EDGE-001": lambda: _with_site("edge", "gat", lambda ds: ds.assign_coords(source=ds["source"].astype("float64"))),
+    "ATTN-EDGE-002": lambda: _set_attrs("edge", "gat", edge_node_dim="time"),
+    "ATTN-EDGE-003": lambda: _with_site("edge", "gat", lambda ds: ds.assign_coords(target=("edge", np.where(np.arange(ds.sizes["edge"]) == 0, 99, ds["target"].values)))),
+    "ATTN-IMG-001": lambda: _set_attrs("image", "encoder/self", patch_grid=[4]),
+    "ATTN-IMG-002": lambda: _with_site("image", "encoder/self", lambda ds: ds.assign_coords(key_patch_row=ds["key_patch_row"] + 4)),
+    "ATTN-LOSSY-001": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign(weights=ds["weights"].assign_attrs(lossy_method="bitround"))),
+}
+
+
+def write_invalid(rule_id: str, path: Path) -> None:
+    """Write the fixture for one rule with plain xarray (and zarr, for ATTN-STORE-001)."""
+    if rule_id == "ATTN-STORE-001":
+        build("dense").to_zarr(path, mode="w", consolidated=False, zarr_format=3)
+        metadata_file = path / "encoder" / "self" / "weights" / "zarr.json"
+        metadata = json.loads(metadata_file.read_text())
+        metadata.pop("dimension_names", None)
+        metadata_file.write_text(json.dumps(metadata, indent=2))
+        return
+    INVALID[rule_id]().to_zarr(path, mode="w", consolidated=True, zarr_format=3)
+
+
+def main() -> None:
+    """Rewrite every fixture from scratch."""
+    warnings.simplefilter("ignore")
+    for kind in ("valid", "invalid"):
+        shutil.rmtree(HERE / kind, ignore_errors=True)
+        (HERE / kind).mkdir()
+    for name in EXAMPLES:
+        save(build(name), HERE / "valid" / f"{name}.zarr")
+    for rule_id in ["ATTN-STORE-001", *INVALID]:
+        write_invalid(rule_id, HERE / "invalid" / f"{rule_id}.zarr")
+    print(f"wrote {len(EXAMPLES)} valid and {len(INVALID) + 1} invalid fixtures under {HERE}")
+
+
+if __name__ == "__main__":
+    main()
