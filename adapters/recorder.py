@@ -250,18 +250,20 @@ class Recorder:
         ('layer', 'head', 'query', 'key')
         """
         site = site.strip("/")
-        arrays = {name: to_numpy(value) for name, value in (("weights", weights), ("logits", logits), ("bias", bias)) if value is not None}
+        given = {name: value for name, value in (("weights", weights), ("logits", logits), ("bias", bias)) if value is not None}
+        arrays = {name: to_numpy(value) for name, value in given.items()}
         if not arrays:
             raise AttnFormatError(f"{self.path}:{site}: log() needs weights, logits or bias")
         selection = {dim: label for dim, label in (("step", step), ("sample", sample), ("layer", layer), ("head", head), ("time", time), ("node", node)) if label is not None}
         selection = {dim: int(label) if isinstance(label, (int, np.integer)) or hasattr(label, "item") else label for dim, label in selection.items()}
         writer = self.sites.get(site)
         if writer is None:
-            writer = self._declare(site, arrays, selection, dims)
+            keepbits = {name: bits for name, bits in ((name, _mantissa_bits(value)) for name, value in given.items()) if bits is not None}
+            writer = self._declare(site, arrays, selection, dims, keepbits)
         for name, values in arrays.items():
             self._write(site, writer, name, values, selection)
 
-    def _declare(self, site: str, arrays: dict, selection: dict, dims) -> SiteWriter:
+    def _declare(self, site: str, arrays: dict, selection: dict, dims, keepbits: dict) -> SiteWriter:
         description = dict(self._descriptions.get(site, {}))
         layout = description.get("layout", "dense")
         map_dims = MAP_DIMS.get(layout)
@@ -331,7 +333,8 @@ class Recorder:
             else:
                 variables[name] = tuple(value_dim_set)
         try:
-            writer = self.writer.create_site(site, sizes=sizes, layout=layout, variables=variables, dtype=self.dtype, coords=coords, attrs=attrs)
+            writer = self.writer.create_site(site, sizes=sizes, layout=layout, variables=variables, dtype=self.dtype, coords=coords, attrs=attrs,
+                                              keepbits=keepbits)
         except AttnFormatError as error:
             raise CaptureShapeError(f"{error} (declaring site {site!r} from its first log)") from None
         self.sites[site] = writer
@@ -377,6 +380,16 @@ class Recorder:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.close(complete=exc_type is None)
+
+
+def _mantissa_bits(values) -> int | None:
+    """Mantissa bits of a half-precision input (bfloat16: 7, float16: 10), else None.
+
+    Widened to float32 such values are float32 numbers bit-rounded to that many bits; declaring
+    it (``lossy_method="bitround"``) tells readers and the validator how exact the sums can be.
+    """
+    name = str(getattr(values, "dtype", ""))
+    return {"torch.bfloat16": 7, "torch.float16": 10, "float16": 10}.get(name)
 
 
 def _where(path, site, selection) -> str:

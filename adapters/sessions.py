@@ -15,14 +15,17 @@ from attnformat.adapters.errors import CaptureStateError
 from attnformat.adapters.recorder import Recorder
 
 _INDEX = re.compile(r"^\d+$")
+#: Names of module lists that say nothing about what they hold; dropped with their index.
+_GENERIC_LISTS = frozenset({"layers", "layer", "blocks", "block", "h", "stack", "modules"})
 
 
 def site_names_from_paths(paths: Iterable[str], overrides: Mapping[str, str] | Callable[[str], str] | None = None,
                           default: str = "attention") -> dict[str, str]:
-    """Map module paths to site names: numeric indices and the list holding them are dropped.
+    """Map module paths to site names: numeric indices (and generic list names) are dropped.
 
-    ``encoder.layers.3.self_attn`` becomes ``encoder/self_attn``, so every layer of a stack
-    lands in one site. When two different stacks would collide, the list names are kept.
+    ``encoder.layers.3.self_attn`` becomes ``encoder/self_attn`` and ``encoder.3.attn``
+    ``encoder/attn``, so every layer of a stack lands in one site. Generic list names
+    (``layers``, ``blocks``, ``h``...) are dropped unless two stacks would then collide.
     ``overrides`` maps a module path or a derived site name to another name, or is a function of
     the module path.
 
@@ -37,7 +40,8 @@ def site_names_from_paths(paths: Iterable[str], overrides: Mapping[str, str] | C
 
     def short(path: str) -> str:
         parts = path.split(".") if path else []
-        kept = [p for i, p in enumerate(parts) if not _INDEX.match(p) and not (i + 1 < len(parts) and _INDEX.match(parts[i + 1]))]
+        kept = [p for i, p in enumerate(parts) if not _INDEX.match(p)
+                and not (p in _GENERIC_LISTS and i + 1 < len(parts) and _INDEX.match(parts[i + 1]))]
         return "/".join(kept) or default
 
     def long(path: str) -> str:

@@ -17,6 +17,7 @@ from attnformat.errors import (
     WriterError,
 )
 from attnformat.examples import example_path
+from attnformat.map_reading import read_map
 from attnformat.reading import get_site, is_complete, open, site_paths, source_of
 from attnformat.saving import convert, save
 from attnformat.validation import Finding, ValidationReport, validate
@@ -40,6 +41,7 @@ __all__ = [
     "get_site",
     "is_complete",
     "open",
+    "read_map",
     "save",
     "site_paths",
     "source_of",

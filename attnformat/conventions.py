@@ -40,9 +40,10 @@ MASK_COORDS = {"query": "query_mask", "key": "key_mask"}
 PATCH_COORDS = {"query": ("query_patch_row", "query_patch_col"), "key": ("key_patch_row", "key_patch_col")}
 EDGE_COORDS = ("source", "target")
 
-#: Maps up to this many elements are one chunk (one read per map); larger maps are tiled.
-MAX_MAP_CHUNK_ELEMENTS = 2048 * 2048
-TILE_EDGE = 2048
+#: Maps up to this many elements (4 MiB of float32) are one chunk, one read per map; larger maps
+#: are tiled so that readers decode the tiles of one map in parallel.
+MAX_MAP_CHUNK_ELEMENTS = 1024 * 1024
+TILE_EDGE = 1024
 
 #: Row sums of softmax weights must be within this of 1 (float16 data gets the looser one).
 ROW_SUM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3, "float64": 1e-6}

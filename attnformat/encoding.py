@@ -4,7 +4,8 @@ Defaults (the spec's section "Storage"):
 
 * one chunk per map: every leading dimension (step, sample, layer, head, time, node) is chunked
   by 1 and the map dimensions (query, key, or edge) are whole, so reading one head is one read;
-  maps larger than 2048 x 2048 elements are tiled in 2048 x 2048 chunks;
+  maps larger than 1024 x 1024 elements are tiled in 1024 x 1024 chunks (4 MiB of float32), which
+  readers decode in parallel;
 * lossless compression: Blosc LZ4 with bit-shuffle in Zarr (fast to decode, and the shuffle is
   what makes attention compress: the exponent bits of probabilities are nearly constant),
   deflate + shuffle in HDF5 (readable by every netCDF-C build);
@@ -37,7 +38,7 @@ def map_chunks(dims, shape) -> tuple[int, ...]:
     >>> map_chunks(("layer", "head", "query", "key"), (6, 12, 512, 512))
     (1, 1, 512, 512)
     >>> map_chunks(("head", "query", "key"), (2, 4096, 4096))
-    (1, 2048, 2048)
+    (1, 1024, 1024)
     """
     map_elements = int(np.prod([size for dim, size in zip(dims, shape) if dim in MAP_DIMS] or [1]))
     chunks = []

@@ -98,8 +98,7 @@ def color_scale(values, *, variable: str = "weights", cmap=None, vmin=None, vmax
             high = low + (abs(low) or 1.0) * 1e-3 if high == low else low + 1.0
         norm = Normalize(vmin=low, vmax=high)
         name = cmap or SEQUENTIAL_CMAP
-    colormap = (colormaps[name] if isinstance(name, str) else name).copy()
-    colormap.set_bad(MISSING_COLOR)
+    colormap = (colormaps[name] if isinstance(name, str) else name).with_extremes(bad=MISSING_COLOR)
     return colormap, norm
 
 

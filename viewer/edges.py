@@ -106,8 +106,15 @@ def node_link(source, *, site=None, variable="weights", layer=None, head=None, s
     drawn = sources != targets
     values = np.asarray(chosen.values, dtype=np.float64)[drawn]
     colormap, norm = color_scale(values, variable=variable, cmap=cmap)
-    segments = np.stack([np.column_stack([x[sources[drawn]], y[sources[drawn]]]),
-                         np.column_stack([x[targets[drawn]], y[targets[drawn]]])], axis=1)
+    starts = np.column_stack([x[sources[drawn]], y[sources[drawn]]]).astype(np.float64)
+    ends = np.column_stack([x[targets[drawn]], y[targets[drawn]]]).astype(np.float64)
+    # Edges i -> j and j -> i would hide each other: shift each to the right of its direction.
+    direction = ends - starts
+    length = np.linalg.norm(direction, axis=1, keepdims=True)
+    normal = np.column_stack([direction[:, 1], -direction[:, 0]]) / np.where(length > 0, length, 1.0)
+    span = max(np.ptp(x), np.ptp(y)) or 1.0
+    shift = 0.015 * span * normal
+    segments = np.stack([starts + shift, ends + shift], axis=1)
     finite = np.where(np.isfinite(values), values, 0.0)
     peak = np.max(np.abs(finite)) if finite.size else 1.0
     lines = LineCollection(segments, cmap=colormap, norm=norm, linewidths=0.5 + 4.0 * np.abs(finite) / (peak or 1.0), alpha=0.85)

@@ -104,12 +104,20 @@ def group_selection(source, *, site=None, variable="weights", aggregate=None, ke
     how = aggregate or default_aggregation(variable, chosen.attrs)
     query_groups = token_groups(site_node, "query", sample)
     key_groups = token_groups(site_node, "key", sample)
-    chosen.values, query_order, key_order = aggregate_to_groups(chosen.values, query_groups, key_groups, how)
+    chosen.values, query_order, key_order = aggregate_to_groups(_masked_as_missing(chosen), query_groups, key_groups, how)
     chosen.query_labels = [str(g) for g in query_order]
     chosen.key_labels = [str(g) for g in key_order]
     kind = chosen.attrs.get("group_kind", "group")
     chosen.described["tokens"] = f"{how} per {kind}"
     return chosen
+
+
+def _masked_as_missing(chosen) -> np.ndarray:
+    # -inf logits mark masked pairs (causal, padding): averaging them in would make whole blocks
+    # -inf, so they count as missing, like NaN.
+    if chosen.variable == "weights":
+        return chosen.values
+    return np.where(np.isfinite(chosen.values), chosen.values, np.nan)
 
 
 def group_kind(attrs) -> str:
@@ -193,7 +201,7 @@ def query_block_profiles(source, *, site=None, variable="weights", query_groups=
         wanted_labels = {str(g) for g in wanted}
         rows = [i for i, g in enumerate(groups) if str(g) in wanted_labels]
         described = "group " + ", ".join(str(g) for g in wanted)
-    values = _reduce(chosen.values[..., rows, :], (-2,), "mean")
+    values = _reduce(_masked_as_missing(chosen)[..., rows, :], (-2,), "mean")
     if by_group:
         how = aggregate or default_aggregation(variable, chosen.attrs)
         key_groups = token_groups(site_node, "key", sample_position)

@@ -134,7 +134,8 @@ def attention_vs_distance(source, *, site=None, pairwise=None, threshold: float 
     local = data.local
     if color_by_bias and data.bias is not None:
         cmap, norm = color_scale(data.bias, variable="bias")
-        points = ax.scatter(data.pairwise.ravel(), weights.ravel(), c=data.bias.ravel(), cmap=cmap, norm=norm, s=10)
+        points = ax.scatter(data.pairwise.ravel(), weights.ravel(), c=data.bias.ravel(), cmap=cmap, norm=norm, s=12,
+                            edgecolors="0.4", linewidths=0.3)
         ax.figure.colorbar(points, ax=ax, label="bias (additive)")
     else:
         ax.scatter(data.pairwise[local], weights[local], s=10, color=LOCAL_COLOR, label=f"local (< {data.threshold_text()})")

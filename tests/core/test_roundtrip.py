@@ -70,9 +70,10 @@ def test_default_chunks_hold_one_map_each(tmp_path):
 def test_large_maps_are_tiled():
     from attnformat.encoding import map_chunks
 
-    assert map_chunks(("layer", "head", "query", "key"), (12, 12, 2048, 2048)) == (1, 1, 2048, 2048)
-    assert map_chunks(("layer", "head", "query", "key"), (1, 1, 8192, 8192)) == (1, 1, 2048, 2048)
-    assert map_chunks(("layer", "edge"), (2, 10_000_000)) == (1, 2048 * 2048)
+    assert map_chunks(("layer", "head", "query", "key"), (12, 12, 1024, 1024)) == (1, 1, 1024, 1024)
+    assert map_chunks(("layer", "head", "query", "key"), (12, 12, 2048, 2048)) == (1, 1, 1024, 1024)
+    assert map_chunks(("layer", "head", "query", "key"), (1, 1, 1000, 3000)) == (1, 1, 1000, 1024)
+    assert map_chunks(("layer", "edge"), (2, 10_000_000)) == (1, 1024 * 1024)
 
 
 def test_bit_rounding_is_declared_and_bounded(tmp_path):

@@ -1,0 +1,211 @@
+"""Reading one map (or a few) straight from a Zarr store, without building the whole tree.
+
+The common question is "show me layer 3, head 5". :func:`read_map` answers it from the store's
+consolidated metadata and one chunk read through TensorStore (a C++ Zarr reader that decodes
+chunks without Python in the loop), and labels the result like :func:`attnformat.open` would.
+Stores it cannot take this way (zip, HDF5, Zarr without consolidated metadata, CF-encoded
+variables) go through :func:`attnformat.open`; the result is the same either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from attnformat.conventions import is_site
+from attnformat.engines import engine_name_for_path
+from attnformat.errors import SelectionError
+
+
+def read_map(source: str | os.PathLike, site: str | None = None, variable: str = "weights", **selection) -> xr.DataArray:
+    """Read the maps of one variable picked by coordinate labels, as a labelled DataArray.
+
+    Parameters
+    ----------
+    source
+        Path of an attention file (any storage).
+    site
+        Path of the attention site; may be omitted when the file has one site.
+    variable
+        ``"weights"`` (default), ``"logits"``, ``"bias"`` or any variable of the site.
+    **selection
+        One label per dimension to pick, e.g. ``layer=3, head=5`` (labels, as ``.sel`` takes).
+
+    Returns
+    -------
+    xarray.DataArray
+        The selected values with the coordinates that still apply (token labels, masks...).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> head = read_map(attnformat.example_path("dense"), "encoder/self", layer=1, head=2)
+    >>> head.dims, head.shape, str(head.query_label.values[0])
+    (('query', 'key'), (6, 6), '[CLS]')
+    """
+    path = Path(source)
+    fast = _read_with_tensorstore(path, site, variable, selection)
+    if fast is not None:
+        return fast
+    from attnformat.reading import get_site, open as open_tree
+
+    node = get_site(open_tree(path), site)
+    dataset = node.to_dataset(inherit=False)
+    if variable not in dataset.data_vars:
+        raise SelectionError(f"{path}: site {node.path} has no variable {variable!r}; variables: {', '.join(dataset.data_vars)}")
+    data = dataset[variable]
+    _check_selection(path, node.path, data, selection)
+    return data.sel(selection).load()
+
+
+def _check_selection(path, site_path, data: xr.DataArray, selection: dict) -> None:
+    for dim, label in selection.items():
+        if dim not in data.dims:
+            raise SelectionError(f"{path}: {site_path}/{data.name} has no dimension {dim!r}; dimensions: {', '.join(data.dims)}")
+        if dim in data.coords and label not in data.coords[dim].values.tolist():
+            raise SelectionError(f"{path}: {dim} {label!r} is not in site {site_path}; {dim} values: {', '.join(map(str, data.coords[dim].values.tolist()))}")
+
+
+def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
+    """Node path -> {"kind", "dims", "attrs", "dtype", "format"}, or None when not consolidated."""
+    root = path / "zarr.json"
+    if root.exists():
+        document = json.loads(root.read_text())
+        consolidated = (document.get("consolidated_metadata") or {}).get("metadata")
+        if consolidated is None:
+            return None
+        nodes = {"": {"kind": "group", "attrs": document.get("attributes", {})}}
+        for name, meta in consolidated.items():
+            if meta.get("node_type") == "group":
+                nodes[name] = {"kind": "group", "attrs": meta.get("attributes", {})}
+            else:
+                nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "dtype": meta.get("data_type"), "format": 3}
+        return nodes
+    v2 = path / ".zmetadata"
+    if v2.exists():
+        entries = json.loads(v2.read_text()).get("metadata", {})
+        nodes: dict[str, dict] = {}
+        for key, meta in entries.items():
+            name, _, kind = key.rpartition("/")
+            if kind == ".zgroup":
+                nodes.setdefault(name, {"kind": "group", "attrs": {}})
+            elif kind == ".zarray":
+                nodes.setdefault(name, {"kind": "array", "attrs": {}})
+                nodes[name].update(dtype=meta.get("dtype"), format=2)
+        for key, meta in entries.items():
+            name, _, kind = key.rpartition("/")
+            if kind == ".zattrs" and name in nodes:
+                attrs = dict(meta)
+                nodes[name]["attrs"] = attrs
+                if nodes[name]["kind"] == "array":
+                    nodes[name]["dims"] = attrs.get("_ARRAY_DIMENSIONS")
+        return nodes
+    return None
+
+
+def _read_with_tensorstore(path: Path, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
+    try:
+        import tensorstore
+    except ImportError:
+        return None
+    if not path.is_dir() or engine_name_for_path(path) != "zarr":
+        return None
+    nodes = _consolidated_metadata(path)
+    if nodes is None:
+        return None
+    sites = sorted(name for name, node in nodes.items() if node["kind"] == "group" and is_site(node["attrs"]))
+    if site is None:
+        if len(sites) != 1:
+            return None  # let the general path explain
+        site = sites[0]
+    site = site.strip("/")
+    target = nodes.get(f"{site}/{variable}")
+    if site not in sites or target is None or target["kind"] != "array" or not target.get("dims"):
+        return None
+    arrays = {name.rpartition("/")[2]: node for name, node in nodes.items() if node["kind"] == "array" and name.rpartition("/")[0] == site}
+    if any(key in node["attrs"] for node in arrays.values() for key in ("scale_factor", "add_offset", "_Unsigned", "dtype", "calendar")):
+        return None
+
+    driver = "zarr3" if target["format"] == 3 else "zarr"
+
+    def open_array(name):
+        spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path / site / name)}}
+        return tensorstore.open(spec, read=True, context=_shared_context(tensorstore))
+
+    dims = tuple(target["dims"])
+    coordinate_names = set(str(target["attrs"].get("coordinates", "")).split()) | set(str(nodes[site]["attrs"].get("coordinates", "")).split())
+    index_names = [dim for dim in dims if dim in arrays and tuple(arrays[dim]["dims"] or ()) == (dim,)]
+    other_names = [name for name in coordinate_names if name in arrays and set(arrays[name]["dims"] or ()) <= set(dims)]
+    numeric = [name for name in index_names + other_names if not _is_string(arrays[name])]
+    strings = [name for name in index_names + other_names if _is_string(arrays[name])]
+    pending = {name: open_array(name) for name in [variable, *numeric]}  # opened concurrently
+    text = _read_strings(path, site, strings) if strings else {}
+    stores = {name: future.result() for name, future in pending.items()}
+    reads = {name: stores[name].read() for name in numeric}  # issued together, waited together
+    values = {name: read.result() for name, read in reads.items()}
+    values.update(text)
+
+    index = []
+    for dim in dims:
+        if dim not in selection:
+            index.append(slice(None))
+            continue
+        if dim not in values:
+            index.append(int(selection[dim]))
+            continue
+        matches = np.flatnonzero(values[dim] == selection[dim])
+        if matches.size != 1:
+            listed = ", ".join(map(str, values[dim].tolist()))
+            raise SelectionError(f"{path}: {dim} {selection[dim]!r} is not in site /{site}; {dim} values: {listed}")
+        index.append(int(matches[0]))
+    unknown = [dim for dim in selection if dim not in dims]
+    if unknown:
+        raise SelectionError(f"{path}: /{site}/{variable} has no dimension {unknown[0]!r}; dimensions: {', '.join(dims)}")
+    data = stores[variable][tuple(index)].read().result()
+    kept = tuple(dim for dim, item in zip(dims, index) if isinstance(item, slice))
+    positions = dict(zip(dims, index))
+    coords = {}
+    for name in index_names + other_names:
+        coord_dims = tuple(arrays[name]["dims"])
+        taken = tuple(positions.get(dim, slice(None)) for dim in coord_dims)
+        coord_values = values[name][taken] if coord_dims else values[name]
+        remaining = tuple(dim for dim, item in zip(coord_dims, taken) if isinstance(item, slice))
+        coords[name] = (remaining, coord_values, arrays[name]["attrs"])
+    attrs = {k: v for k, v in target["attrs"].items() if k not in ("coordinates", "_ARRAY_DIMENSIONS", "_FillValue")}
+    return xr.DataArray(
+        data, dims=kept, name=variable, attrs=attrs,
+        coords={name: xr.Variable(cdims, cvalues, {k: v for k, v in cattrs.items() if k not in ("_ARRAY_DIMENSIONS", "_FillValue")}) for name, (cdims, cvalues, cattrs) in coords.items()},
+    )
+
+
+_CONTEXT = []
+
+
+def _shared_context(tensorstore):
+    # One TensorStore context (thread pools, file handles) for the process, not one per read.
+    if not _CONTEXT:
+        _CONTEXT.append(tensorstore.Context())
+    return _CONTEXT[0]
+
+
+def _is_string(node: dict) -> bool:
+    dtype = node.get("dtype")
+    return dtype in ("string", "|O", "<U0") or (isinstance(dtype, str) and dtype.startswith(("<U", ">U", "|S")))
+
+
+def _read_strings(path: Path, site: str, names: list[str]) -> dict[str, np.ndarray]:
+    """Read string coordinates (TensorStore has no string type) in one round trip through zarr."""
+    import asyncio
+
+    import zarr.api.asynchronous as zarr_async
+    from zarr.core.sync import sync
+
+    async def read_all():
+        arrays = await asyncio.gather(*(zarr_async.open_array(store=str(path / site / name), mode="r") for name in names))
+        return await asyncio.gather(*(array.getitem(...) for array in arrays))
+
+    return {name: np.asarray(values).astype(object) for name, values in zip(names, sync(read_all()))}

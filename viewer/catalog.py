@@ -1,0 +1,141 @@
+"""The plot kinds, by the name the command line and the report use, with what each needs from a site."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from attnformat.errors import AttnFormatError
+from attnformat.viewer.edges import node_link, top_edges
+from attnformat.viewer.grids import attention_flow, head_grid, layer_comparison
+from attnformat.viewer.groups import group_bars, group_map
+from attnformat.viewer.heatmaps import heatmap, temporal_matrix
+from attnformat.viewer.images import has_patches, image_attention_grid, image_overlay, image_variable
+from attnformat.viewer.pairwise import (
+    attention_vs_distance,
+    distance_profile,
+    distance_statistics,
+    pairwise_overview,
+    query_profiles,
+)
+from attnformat.viewer.rollout import rollout_map
+from attnformat.viewer.statistics import statistics_boxplots, top_pairs_plot
+
+
+def _dense(site) -> bool:
+    return site.attrs.get("layout") == "dense" and "weights" in site.data_vars
+
+
+def _edge(site) -> bool:
+    return site.attrs.get("layout") == "edge" and "weights" in site.data_vars
+
+
+def _has_dim(site, dim) -> bool:
+    return "weights" in site.data_vars and dim in site["weights"].dims
+
+
+def _grouped(site) -> bool:
+    return _dense(site) and "query_group" in site.coords and "key_group" in site.coords
+
+
+def _pairwise(site) -> bool:
+    return _dense(site) and any(v.attrs.get("role") == "pairwise" for v in site.data_vars.values())
+
+
+def _square_self(site) -> bool:
+    return (_dense(site) and site.attrs.get("attention_type", "self") == "self"
+            and site.sizes.get("query") == site.sizes.get("key") and _has_dim(site, "layer"))
+
+
+@dataclass(frozen=True)
+class PlotKind:
+    """One kind of plot: its function, what it shows, and which sites it applies to.
+
+    ``scope`` is ``"site"`` (drawn from one site) or ``"file"`` (needs several sites, like the flow).
+    """
+
+    name: str
+    function: Callable
+    help: str
+    applies: Callable
+    scope: str = "site"
+
+    @property
+    def parameters(self) -> list[str]:
+        """Keyword parameters the function takes."""
+        return [p for p in inspect.signature(self.function).parameters if p not in ("source", "ax")]
+
+
+def _flow_applies(tree) -> bool:
+    from attnformat.viewer.grids import flow_sites
+
+    try:
+        flow_sites(tree)
+    except AttnFormatError:
+        return False
+    return True
+
+
+PLOT_KINDS: dict[str, PlotKind] = {kind.name: kind for kind in (
+    PlotKind("heatmap", heatmap, "one map (a head or the mean/max over heads); edges are densified",
+             lambda s: _dense(s) or _edge(s)),
+    PlotKind("head-grid", head_grid, "every head of a layer on one colour scale (--by-group for frame x frame)",
+             lambda s: _has_dim(s, "head") and (_dense(s) or _edge(s))),
+    PlotKind("layer-comparison", layer_comparison, "one head or the head mean in every layer",
+             lambda s: _has_dim(s, "layer") and (_dense(s) or _edge(s))),
+    PlotKind("flow", attention_flow, "encoder self, decoder self and cross-attention side by side", _flow_applies, "file"),
+    PlotKind("group-map", group_map, "group x group map (frames, modalities)", _grouped),
+    PlotKind("group-bars", group_bars, "per-head bars of a query block over key groups, sink score in titles",
+             lambda s: _grouped(s) and _has_dim(s, "head")),
+    PlotKind("top-edges", top_edges, "the top-k edges of a time step", _edge),
+    PlotKind("temporal", temporal_matrix, "time x time attention of one node, from temporal edges",
+             lambda s: _edge(s) and s.attrs.get("edge_node_dim") == "time"),
+    PlotKind("node-link", node_link, "the graph at its stored node positions, edges by attention",
+             lambda s: _edge(s) and "node_x" in s.coords and "node_y" in s.coords),
+    PlotKind("pairwise-overview", pairwise_overview, "logits before bias, bias, logits, weights, distance, scatter",
+             lambda s: _pairwise(s) and "logits" in s.data_vars and "bias" in s.data_vars),
+    PlotKind("attention-vs-distance", attention_vs_distance, "scatter with a local/global split at --threshold", _pairwise),
+    PlotKind("distance-profile", distance_profile, "binned mean attention against distance", _pairwise),
+    PlotKind("distance-statistics", distance_statistics, "attention and bias against distance, local vs global", _pairwise),
+    PlotKind("query-profiles", query_profiles, "a few queries' attention, bias and neighbourhood", _pairwise),
+    PlotKind("image-overlay", image_overlay, "a query's (CLS) attention upsampled onto the stored image",
+             lambda s: _dense(s) and has_patches(s)),
+    PlotKind("image-grid", image_attention_grid, "patch attention and overlay per head or per layer (--over)",
+             lambda s: _dense(s) and has_patches(s)),
+    PlotKind("stats", statistics_boxplots, "box plots per layer of max, mean and entropy across samples and heads",
+             lambda s: _dense(s) or _edge(s)),
+    PlotKind("top-pairs", top_pairs_plot, "the top-k query -> key pairs", lambda s: _dense(s) or _edge(s)),
+    PlotKind("rollout", rollout_map, "attention rollout across layers (Abnar & Zuidema)", _square_self),
+)}
+
+
+def plot(source, kind: str, **options):
+    """Draw one plot kind by name with the options it takes (None values are left out).
+
+    Returns the Axes or Figure the kind's function returns.
+
+    Raises
+    ------
+    attnformat.SelectionError
+        For an unknown kind (listing the kinds).
+    attnformat.AttnFormatError
+        For options the kind does not take.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import plot
+    >>> plot(attnformat.example_path("dense"), "heatmap", layer=1, head=0).get_title()
+    'encoder/self | layer 1 | head 0 | weights (softmax)'
+    """
+    from attnformat.errors import SelectionError
+
+    if kind not in PLOT_KINDS:
+        raise SelectionError(f"no plot kind {kind!r}; kinds: {', '.join(PLOT_KINDS)}")
+    entry = PLOT_KINDS[kind]
+    options = {name: value for name, value in options.items() if value is not None}
+    unknown = sorted(set(options) - set(entry.parameters))
+    if unknown:
+        raise AttnFormatError(f"plot kind {kind!r} does not take {', '.join(unknown)}; it takes: {', '.join(entry.parameters)}")
+    return entry.function(source, **options)
