@@ -42,11 +42,13 @@ class SelectionError(AttnFormatError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class MissingDimensionNamesError(UnreadableFileError):
-    """A stored array does not name its dimensions [ATTN-STORE-001], so no tree can be built."""
+class BrokenStoreError(UnreadableFileError):
+    """The store breaks a storage rule (ATTN-STORE-*) that keeps any tree from being built from it.
 
-    rule_id = "ATTN-STORE-001"
+    ``rule_id`` and ``location`` say which rule and where; the validator reports them as findings.
+    """
 
-    def __init__(self, message: str, location: str = "/"):
+    def __init__(self, message: str, rule_id: str, location: str = "/"):
         super().__init__(message)
+        self.rule_id = rule_id
         self.location = location

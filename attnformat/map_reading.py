@@ -83,7 +83,7 @@ def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
             if meta.get("node_type") == "group":
                 nodes[name] = {"kind": "group", "attrs": meta.get("attributes", {})}
             else:
-                nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "dtype": meta.get("data_type"), "format": 3}
+                nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "dtype": meta.get("data_type"), "format": 3, "raw": meta}
         return nodes
     v2 = path / ".zmetadata"
     if v2.exists():
@@ -95,7 +95,7 @@ def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
                 nodes.setdefault(name, {"kind": "group", "attrs": {}})
             elif kind == ".zarray":
                 nodes.setdefault(name, {"kind": "array", "attrs": {}})
-                nodes[name].update(dtype=meta.get("dtype"), format=2)
+                nodes[name].update(dtype=meta.get("dtype"), format=2, raw=meta)
         for key, meta in entries.items():
             name, _, kind = key.rpartition("/")
             if kind == ".zattrs" and name in nodes:
@@ -112,11 +112,13 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
         import tensorstore
     except ImportError:
         return None
+    from attnformat.engines.zarr import uses_pickle
+
     if not path.is_dir() or engine_name_for_path(path) != "zarr":
         return None
     nodes = _consolidated_metadata(path)
-    if nodes is None:
-        return None
+    if nodes is None or uses_pickle(nodes):
+        return None  # the general path explains what is wrong
     sites = sorted(name for name, node in nodes.items() if node["kind"] == "group" and is_site(node["attrs"]))
     if site is None:
         if len(sites) != 1:

@@ -13,18 +13,20 @@ from attnformat.errors import SelectionError, UnreadableFileError
 
 
 def open(path: str | os.PathLike) -> xr.DataTree:  # noqa: A001 - the public name mirrors xarray's open_*
-    """Open an attention file as a lazy, read-only :class:`xarray.DataTree`.
+    """Open an attention file (a path or a URL) as a lazy, read-only :class:`xarray.DataTree`.
 
     Nothing but metadata and small coordinates (labels, masks, edge indices) is read until a
     variable's values are asked for; selecting one head and calling ``.values`` reads the one
     chunk that holds it. Works on ``.zarr`` directories (Zarr v3 or v2), ``.zarr.zip`` archives
-    and netCDF4/HDF5 files (``.h5``, ``.nc``). The file's path is kept in
-    ``tree.encoding["source"]`` so that later messages can name it.
+    and netCDF4/HDF5 files (``.h5``, ``.nc``). URLs (``https://``, ``s3://``, ``gs://``...) of
+    Zarr stores and HDF5 files are read through fsspec (``pip install 'attnformat[remote]'``);
+    Zarr stores should then have consolidated metadata, which attnformat always writes. The file's
+    path is kept in ``tree.encoding["source"]`` so that later messages can name it.
 
     Parameters
     ----------
     path
-        The file or directory to open.
+        The file or directory to open, or its URL.
 
     Returns
     -------
@@ -42,13 +44,42 @@ def open(path: str | os.PathLike) -> xr.DataTree:  # noqa: A001 - the public nam
     >>> tree["encoder/self"]["weights"].sel(layer=0, head=1).shape
     (6, 6)
     """
-    path = Path(path)
-    if not path.exists():
-        raise UnreadableFileError(f"{path}: no such file or directory")
-    engine = engine_for(path, must_exist=True)
-    tree = engine.open_tree(path)
-    tree.encoding = {**tree.encoding, "source": str(path)}
+    text = os.fspath(path)
+    if "://" in text and not text.startswith("file://"):
+        tree = _open_url(text)
+    else:
+        path = Path(text.removeprefix("file://"))
+        if not path.exists():
+            raise UnreadableFileError(f"{path}: no such file or directory")
+        tree = engine_for(path, must_exist=True).open_tree(path)
+    tree.encoding = {**tree.encoding, "source": text}
     return tree
+
+
+def _open_url(url: str) -> xr.DataTree:
+    from attnformat.engines.common import engine_name_for_path
+
+    name = engine_name_for_path(url.split("?", 1)[0])
+    try:
+        import fsspec
+    except ImportError as error:
+        raise UnreadableFileError(f"{url}: reading URLs needs fsspec: pip install 'attnformat[remote]'") from error
+    try:
+        if name == "zarr":
+            from attnformat.engines.zarr import ZarrEngine
+            from zarr.storage import FsspecStore
+
+            return ZarrEngine()._open_store(FsspecStore.from_url(url, read_only=True), url)
+        if name == "hdf5":
+            handle = fsspec.open(url, mode="rb").open()
+            tree = xr.open_datatree(handle, engine="h5netcdf", chunks=None)
+            tree.set_close(handle.close)
+            return tree
+    except UnreadableFileError:
+        raise
+    except Exception as error:  # network and protocol errors come in many classes
+        raise UnreadableFileError(f"{url}: cannot read ({type(error).__name__}: {error})") from error
+    raise UnreadableFileError(f"{url}: zip archives are read from local paths only; download it first")
 
 
 def source_of(tree: xr.DataTree) -> str:

@@ -17,6 +17,8 @@ class Rule:
 
 _RULES = [
     Rule("ATTN-STORE-001", "MUST", "Every stored array names its dimensions (Zarr v3 dimension_names, Zarr v2 _ARRAY_DIMENSIONS, netCDF dimensions)."),
+    Rule("ATTN-STORE-002", "MUST", "Arrays of one group agree on the size of each dimension they share (e.g. `query_label` has one entry per query)."),
+    Rule("ATTN-STORE-003", "MUST", "No array uses a pickle codec or filter: reading a file never runs code stored in it."),
     Rule("ATTN-ROOT-001", "MUST", "The root attribute `attnformat` is the string \"attnformat\"."),
     Rule("ATTN-ROOT-002", "MUST", "The root attribute `attnformat_version` is a MAJOR.MINOR.PATCH string with major version 1."),
     Rule("ATTN-ROOT-003", "MUST", "The root attribute `producer` is a non-empty string."),

@@ -33,7 +33,7 @@ from attnformat.conventions import (
     ROW_SUM_TOLERANCE,
     is_site,
 )
-from attnformat.errors import MissingDimensionNamesError
+from attnformat.errors import BrokenStoreError
 from attnformat.rules import RULES
 
 # Values this close to 0 count as zero weight (masking with -1e9 or -inf underflows to exactly 0,
@@ -137,9 +137,9 @@ def validate(source: str | os.PathLike | xr.DataTree, *, check_values: bool = Tr
         name = str(source)
         try:
             tree = open_tree(source)
-        except MissingDimensionNamesError as error:
+        except BrokenStoreError as error:
             report = ValidationReport(name)
-            report.add("ATTN-STORE-001", error.location, str(error))
+            report.add(error.rule_id, error.location, str(error))
             return report
     report = ValidationReport(name)
     _check_root(tree, report)

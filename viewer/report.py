@@ -38,7 +38,9 @@ def safe_file_name(text: str, *, max_length: int = 100) -> str:
     >>> safe_file_name("../x"), safe_file_name("<s>"), safe_file_name("encoder/self-heatmap")
     ('x', 's', 'encoder_self-heatmap')
     """
-    name = _UNSAFE.sub("_", str(text)).strip("._-")
+    name = _UNSAFE.sub("_", str(text))
+    name = re.sub(r"\.{2,}", "_", name)  # no ".." anywhere, even where it is harmless
+    name = re.sub(r"_{2,}", "_", name).strip("._-")
     return name[:max_length].rstrip("._-") or "plot"
 
 
@@ -60,7 +62,7 @@ class _Plan:
     stems: dict = field(default_factory=dict)
 
     def add(self, section, caption, stem_parts, draw):
-        stem = safe_file_name("-".join(str(p) for p in stem_parts))
+        stem = "-".join(safe_file_name(p) for p in stem_parts if str(p))
         count = self.stems.get(stem, 0)
         self.stems[stem] = count + 1
         if count:
@@ -118,7 +120,7 @@ def _plan_site(plan: _Plan, tree, site) -> None:
     if applies["temporal"]:
         for node in _values(site, "node"):
             label = labels_of(site, "node")[_values(site, "node").index(node)] if "node" in site.sizes else node
-            add("temporal", f"node {label}: time x time attention", [f"node-{label}"], node=node)
+            add("temporal", f"node {label}: time x time attention", ["node", label], node=node)
     if applies["node-link"]:
         for layer in layers:
             add("node-link", f"layer {layer}: graph, mean over heads", [f"layer{layer}"], layer=layer)
@@ -135,7 +137,7 @@ def _plan_site(plan: _Plan, tree, site) -> None:
         query_label = labels_of(site, "query")[0]
         for layer in layers:
             add("image-overlay", f"layer {layer}: query {query_label} over the image, mean over heads",
-                [f"layer{layer}", f"query-{query_label}"], layer=layer)
+                [f"layer{layer}", "query", query_label], layer=layer)
             add("image-grid", f"layer {layer}: query {query_label}, every head", ["heads", f"layer{layer}"], layer=layer, over="head")
         add("image-grid", f"query {query_label}, every layer, mean over heads", ["layers"], over="layer")
     if applies["stats"]:

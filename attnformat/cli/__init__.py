@@ -3,19 +3,21 @@
 Each subcommand lives in a small module that registers itself on the parser: ``core`` (info,
 validate, convert), ``capture`` (demo, export; needs the adapters' extras) and ``plotting``
 (plot, report, stats). Exit codes: 0 success / conforming, 1 nonconforming, 2 unreadable
-input, missing file or bad usage, 3 an optional dependency is missing.
+input, missing file or bad usage, 3 an optional dependency is missing, 4 an unexpected error (a
+bug: the message says what happened, without a traceback unless ATTNFORMAT_DEBUG=1 is set).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from attnformat._version import __version__
 from attnformat.errors import AttnFormatError, NonConformingError, UnreadableFileError
 
-EXIT_OK, EXIT_NONCONFORMING, EXIT_UNREADABLE, EXIT_MISSING_DEPENDENCY = 0, 1, 2, 3
+EXIT_OK, EXIT_NONCONFORMING, EXIT_UNREADABLE, EXIT_MISSING_DEPENDENCY, EXIT_INTERNAL = 0, 1, 2, 3, 4
 _SUBCOMMAND_MODULES = ("core", "capture", "plotting")
 
 
@@ -75,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("attnformat: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug or a damage nobody foresaw: still no traceback for users
+        if os.environ.get("ATTNFORMAT_DEBUG"):
+            raise
+        print(f"attnformat: unexpected {type(error).__name__}: {error}\n(set ATTNFORMAT_DEBUG=1 for the traceback, "
+              "and please report it with the command that caused it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ units) are handed to ``xarray.open_datatree`` so that they are decoded exactly a
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import warnings
@@ -22,7 +23,7 @@ import zarr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
-from attnformat.errors import MissingDimensionNamesError, UnreadableFileError
+from attnformat.errors import BrokenStoreError, UnreadableFileError
 
 # Attributes that ask for CF decoding; a file carrying any of them takes xarray's own path.
 _CF_ENCODING_ATTRS = ("scale_factor", "add_offset", "_Unsigned", "calendar", "dtype", "missing_value")
@@ -62,12 +63,80 @@ def _dimension_names(array: zarr.Array, where: str) -> tuple[str, ...]:
     else:
         names = array.attrs.get("_ARRAY_DIMENSIONS")
     if names is None or any(name is None for name in names):
-        raise MissingDimensionNamesError(
+        raise BrokenStoreError(
             f"{where}: array has no dimension names [ATTN-STORE-001]; Zarr v3 arrays need "
             "'dimension_names', Zarr v2 arrays the '_ARRAY_DIMENSIONS' attribute",
+            "ATTN-STORE-001",
             location=where.rpartition(":")[2],
         )
     return tuple(names)
+
+
+def uses_pickle(metadata: dict) -> bool:
+    """True if array metadata (as JSON) names a pickle codec or filter anywhere.
+
+    Examples
+    --------
+    >>> uses_pickle({"filters": [{"id": "pickle"}]}), uses_pickle({"codecs": [{"name": "bytes"}]})
+    (True, False)
+    """
+    if isinstance(metadata, dict):
+        for key in ("id", "name"):
+            if isinstance(metadata.get(key), str) and "pickle" in metadata[key].lower():
+                return True
+        return any(uses_pickle(value) for value in metadata.values())
+    if isinstance(metadata, list):
+        return any(uses_pickle(value) for value in metadata)
+    return False
+
+
+_METADATA_NAMES = ("zarr.json", ".zarray", ".zmetadata")
+
+
+def refuse_pickle(documents, where: str) -> None:
+    """Raise BrokenStoreError [ATTN-STORE-003] if any metadata document names a pickle codec.
+
+    ``documents`` yields ``(key, text)`` pairs of the store's metadata files. This runs before
+    zarr parses anything: pickle runs code while decoding, and no reader should get that far.
+    """
+    for key, text in documents:
+        try:
+            document = json.loads(text)
+        except ValueError:
+            continue  # zarr reports malformed metadata itself
+        if uses_pickle(document):
+            node = _pickled_node(document, key)
+            raise BrokenStoreError(
+                f"{where}: {node} uses a pickle codec [ATTN-STORE-003]; attnformat never unpickles "
+                "stored data (it could run code). Store strings as variable-length UTF-8 instead",
+                "ATTN-STORE-003",
+                location=node,
+            )
+
+
+def _pickled_node(document: dict, key: str) -> str:
+    """The node a metadata document describes, or the first pickled entry of a consolidated one."""
+    entries = document.get("metadata") or (document.get("consolidated_metadata") or {}).get("metadata") or {}
+    for name, entry in entries.items():
+        if uses_pickle(entry):
+            return "/" + name.removesuffix("/.zarray").removesuffix(".zarray").strip("/")
+    return "/" + key.rpartition("/")[0]
+
+
+def _directory_metadata(path: Path):
+    for consolidated in ("zarr.json", ".zmetadata"):
+        if (path / consolidated).exists():
+            yield consolidated, (path / consolidated).read_text(encoding="utf-8", errors="replace")
+    for file in path.rglob("*"):
+        if file.name in _METADATA_NAMES and file.parent != path:
+            yield file.relative_to(path).as_posix(), file.read_text(encoding="utf-8", errors="replace")
+
+
+def _zip_metadata(path: Path):
+    with zipfile.ZipFile(path) as bundle:
+        for name in bundle.namelist():
+            if name.rpartition("/")[2] in _METADATA_NAMES:
+                yield name, bundle.read(name).decode("utf-8", "replace")
 
 
 def _needs_cf_decoding(array: zarr.Array) -> bool:
@@ -98,15 +167,17 @@ def _build_tree(root: zarr.Group, where: str) -> xr.DataTree | None:
         members = list(root.members(max_depth=None))
     except Exception as error:
         raise UnreadableFileError(f"{where}: cannot list the store's contents ({error})") from error
+    needs_cf_decoding = False
     for name, node in members:
         parent, _, leaf = name.rpartition("/")
         parent_key = "/" + parent if parent else "/"
         if isinstance(node, zarr.Group):
             groups.setdefault("/" + name, {"attrs": {}, "arrays": {}})["attrs"] = dict(node.attrs)
         else:
-            if _needs_cf_decoding(node):
-                return None
+            needs_cf_decoding = needs_cf_decoding or _needs_cf_decoding(node)
             groups.setdefault(parent_key, {"attrs": {}, "arrays": {}})["arrays"][leaf] = node
+    if needs_cf_decoding:
+        return None
     datasets = {}
     for group_path, content in groups.items():
         datasets[group_path] = _build_dataset(content["attrs"], content["arrays"], f"{where}:{group_path}")
@@ -124,6 +195,7 @@ def _build_dataset(group_attrs: dict, arrays: dict[str, zarr.Array], where: str)
         coord_names.update(str(attrs.pop("coordinates", "")).split())
         attrs_of[name] = attrs
     coord_names.update(name for name, dims in dims_of.items() if dims == (name,))
+    _check_dimension_sizes(arrays, dims_of, where)
     coords, data_vars = {}, {}
     for name, array in arrays.items():
         is_coord = name in coord_names
@@ -136,12 +208,28 @@ def _build_dataset(group_attrs: dict, arrays: dict[str, zarr.Array], where: str)
     return xr.Dataset(data_vars, coords, attrs=group_attrs)
 
 
+def _check_dimension_sizes(arrays: dict, dims_of: dict, where: str) -> None:
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, array in arrays.items():
+        for dim, size in zip(dims_of[name], array.shape):
+            if dim in sizes and sizes[dim][0] != size:
+                other_size, other = sizes[dim]
+                raise BrokenStoreError(
+                    f"{where}: dimension {dim!r} has size {other_size} in {other!r} but {size} in {name!r} "
+                    "[ATTN-STORE-002]; every array of a group must agree on a dimension's size",
+                    "ATTN-STORE-002",
+                    location=f"{where.rpartition(':')[2]}/{name}",
+                )
+            sizes.setdefault(dim, (size, name))
+
+
 class ZarrEngine:
     """A Zarr store in a directory (``.zarr``)."""
 
     name = "zarr"
 
     def open_tree(self, path: Path) -> xr.DataTree:
+        refuse_pickle(_directory_metadata(path), str(path))
         return self._open_store(str(path), str(path))
 
     def _open_store(self, store, where: str) -> xr.DataTree:
@@ -169,6 +257,7 @@ class ZarrZipEngine(ZarrEngine):
     def open_tree(self, path: Path) -> xr.DataTree:
         if not zipfile.is_zipfile(path):
             raise UnreadableFileError(f"{path}: not a zip archive")
+        refuse_pickle(_zip_metadata(path), str(path))
         store = zarr.storage.ZipStore(str(path), mode="r")
         tree = self._open_store(store, str(path))
         tree.set_close(store.close)

@@ -123,8 +123,56 @@ INVALID = {
 }
 
 
+class _TouchWhenUnpickled:
+    """A payload that leaves a file named ``attnformat-pickle-executed`` in the working directory if
+    anything ever unpickles it; the tests check that reading the fixture leaves no such file."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("attnformat-pickle-executed"),))
+
+
+def _write_pickle_fixture(path: Path) -> None:
+    import numcodecs
+
+    build("dense").to_zarr(path, mode="w", consolidated=False, zarr_format=2)
+    note = path / "encoder" / "self" / "note"
+    note.mkdir()
+    (note / ".zarray").write_text(json.dumps({
+        "zarr_format": 2, "shape": [1], "chunks": [1], "dtype": "|O", "compressor": None,
+        "fill_value": None, "filters": [{"id": "pickle", "protocol": 5}], "order": "C", "dimension_separator": ".",
+    }))
+    (note / ".zattrs").write_text(json.dumps({"_ARRAY_DIMENSIONS": ["note"], "role": "auxiliary"}))
+    payload = np.empty(1, dtype=object)
+    payload[0] = _TouchWhenUnpickled()
+    (note / "0").write_bytes(numcodecs.Pickle(protocol=5).encode(payload))
+    # zarr-python 3 refuses to parse pickled object arrays at all, so the consolidated metadata is
+    # assembled here from the per-node files.
+    entries = {
+        file.relative_to(path).as_posix(): json.loads(file.read_text())
+        for file in sorted(path.rglob(".z*")) if file.name in (".zgroup", ".zattrs", ".zarray")
+    }
+    (path / ".zmetadata").write_text(json.dumps({"zarr_consolidated_format": 1, "metadata": entries}, indent=2))
+
+
+def _write_size_mismatch_fixture(path: Path) -> None:
+    import zarr
+
+    build("dense").to_zarr(path, mode="w", consolidated=False, zarr_format=3)
+    group = zarr.open_group(str(path / "encoder" / "self"), mode="a")
+    del group["query_label"]
+    labels = group.create_array("query_label", shape=(5,), dtype=str, dimension_names=("query",))
+    labels[...] = np.array(["[CLS]", "the", "cat", "sat", "[SEP]"], dtype=object)
+    zarr.consolidate_metadata(str(path))
+
+
 def write_invalid(rule_id: str, path: Path) -> None:
-    """Write the fixture for one rule with plain xarray (and zarr, for ATTN-STORE-001)."""
+    """Write the fixture for one rule with plain xarray (and zarr, for the ATTN-STORE rules)."""
+    if rule_id == "ATTN-STORE-002":
+        _write_size_mismatch_fixture(path)
+        return
+    if rule_id == "ATTN-STORE-003":
+        _write_pickle_fixture(path)
+        return
     if rule_id == "ATTN-STORE-001":
         build("dense").to_zarr(path, mode="w", consolidated=False, zarr_format=3)
         metadata_file = path / "encoder" / "self" / "weights" / "zarr.json"
@@ -143,9 +191,10 @@ def main() -> None:
         (HERE / kind).mkdir()
     for name in EXAMPLES:
         save(build(name), HERE / "valid" / f"{name}.zarr")
-    for rule_id in ["ATTN-STORE-001", *INVALID]:
+    store_rules = ["ATTN-STORE-001", "ATTN-STORE-002", "ATTN-STORE-003"]
+    for rule_id in [*store_rules, *INVALID]:
         write_invalid(rule_id, HERE / "invalid" / f"{rule_id}.zarr")
-    print(f"wrote {len(EXAMPLES)} valid and {len(INVALID) + 1} invalid fixtures under {HERE}")
+    print(f"wrote {len(EXAMPLES)} valid and {len(INVALID) + len(store_rules)} invalid fixtures under {HERE}")
 
 
 if __name__ == "__main__":

@@ -62,3 +62,56 @@ def test_save_refuses_nonconforming_trees_and_existing_paths(tmp_path):
     attnformat.save(build("dense"), tmp_path / "y.zarr")
     with pytest.raises(attnformat.AttnFormatError, match="already exists"):
         attnformat.save(build("dense"), tmp_path / "y.zarr")
+
+
+def test_a_store_with_a_pickle_codec_is_refused_before_anything_is_decoded(tmp_path, monkeypatch):
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parents[2] / "spec" / "conformance" / "invalid" / "ATTN-STORE-003.zarr"
+    monkeypatch.chdir(tmp_path)  # the payload would leave a marker file here if ever unpickled
+    archive = tmp_path / "pickled.zarr.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for file in sorted(p for p in fixture.rglob("*") if p.is_file()):
+            bundle.write(file, file.relative_to(fixture).as_posix())
+    for path in (fixture, archive):
+        with pytest.raises(attnformat.UnreadableFileError, match=r"/encoder/self/note uses a pickle codec \[ATTN-STORE-003\]"):
+            attnformat.open(path)
+        with pytest.raises(attnformat.UnreadableFileError, match="ATTN-STORE-003"):
+            attnformat.read_map(path, "encoder/self", layer=0)
+        assert [f.rule_id for f in attnformat.validate(path).errors] == ["ATTN-STORE-003"]
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(fixture, copy)
+    (copy / ".zmetadata").unlink()  # without consolidated metadata the per-array file is caught
+    with pytest.raises(attnformat.UnreadableFileError, match="ATTN-STORE-003"):
+        attnformat.open(copy)
+    assert not (tmp_path / "attnformat-pickle-executed").exists()
+
+
+def test_open_reads_zarr_and_hdf5_over_http(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    import xarray as xr
+
+    tree = build("encoder-decoder")
+    attnformat.save(tree, tmp_path / "served.zarr")
+    attnformat.save(tree, tmp_path / "served.nc")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for name in ("served.zarr", "served.nc"):
+            remote = attnformat.open(f"{base}/{name}")
+            xr.testing.assert_identical(remote, tree)
+            assert attnformat.source_of(remote) == f"{base}/{name}"
+        with pytest.raises(attnformat.UnreadableFileError, match="missing.zarr"):
+            attnformat.open(f"{base}/missing.zarr")
+    finally:
+        server.shutdown()
+        thread.join()
