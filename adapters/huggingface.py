@@ -122,7 +122,7 @@ def capture(
     options = {
         "model_name": model_name or getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or type(model).__name__,
         "model_framework": f"transformers {_transformers_version()}", "model_adapter": "attnformat.adapters.huggingface",
-        "description": description, "overwrite": overwrite, "dtype": dtype,
+        "description": description, "overwrite": overwrite, "dtype": dtype, "background": True,
     }
     return HuggingFaceCapture(model, modules, destination, tokens=tokens, site_names=site_names, recorder_options=options)
 

@@ -11,6 +11,8 @@ appear). The framework adapters write through a Recorder too.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -48,6 +50,11 @@ class Recorder:
         Passed to :class:`attnformat.Writer`.
     dtype
         Storage dtype of the attention variables (float32 by default; float16 halves the file).
+    background
+        Compress and write in a background thread, so that the model computes the next layer
+        while the previous one is written. At most one write is in flight (memory holds one
+        extra layer); the arrays passed to :meth:`log` must not be modified afterwards. Errors
+        of a background write are raised by the next ``log`` or by ``close``.
 
     Examples
     --------
@@ -77,6 +84,7 @@ class Recorder:
         attrs: Mapping | None = None,
         overwrite: bool = False,
         dtype: str = "float32",
+        background: bool = False,
     ):
         if every < 1:
             raise AttnFormatError(f"every must be a positive number of steps, not {every}")
@@ -92,6 +100,7 @@ class Recorder:
         self._descriptions: dict[str, dict] = {}
         self._pending_variables: dict[str, list[tuple]] = {}
         self._selected: dict[str, set[str]] = {}
+        self._background = _BackgroundWrites() if background else None
 
     @property
     def path(self):
@@ -259,6 +268,7 @@ class Recorder:
         writer = self.sites.get(site)
         if writer is None:
             keepbits = {name: bits for name, bits in ((name, _mantissa_bits(value)) for name, value in given.items()) if bits is not None}
+            self._flush()  # creating arrays while a write is in flight is not something to race
             writer = self._declare(site, arrays, selection, dims, keepbits)
         for name, values in arrays.items():
             self._write(site, writer, name, values, selection)
@@ -355,6 +365,7 @@ class Recorder:
                                     f"(its first log selected those); this log selects {tuple(selection)}")
         for dim, label in picked.items():
             if dim != "step" and label not in writer.labels.get(dim, []):
+                self._flush()
                 _append_label(writer, dim, label, where)
         expected = tuple(writer.sizes[d] for d in variable_dims if d not in picked)
         if values.shape != expected and name == "bias":
@@ -366,20 +377,84 @@ class Recorder:
             free = tuple(d for d in variable_dims if d not in picked)
             raise CaptureShapeError(f"{where}: {name} has shape {values.shape}, but the site was declared with {expected} for "
                                     f"{free} on its first log; log the same shape each time or use another site name")
-        writer.write(name, values, **picked)
+        if self._background is None:
+            writer.write(name, values, **picked)
+        else:
+            self._background.submit(writer.write, name, values, **picked)
+
+    def _flush(self) -> None:
+        if self._background is not None:
+            self._background.wait()
 
     # -- closing -----------------------------------------------------------------------------
     def close(self, *, complete: bool = True):
-        """Finish the file (when the recorder opened it) and return its path."""
+        """Finish the file (when the recorder opened it) and return its path.
+
+        Waits for background writes; if one failed, the file is closed incomplete and the
+        error is raised.
+        """
+        failure = None
+        if self._background is not None:
+            failure = self._background.stop()
         if self._owns_writer:
-            return self.writer.close(complete=complete)
-        return self.writer.path
+            path = self.writer.close(complete=complete and failure is None)
+        else:
+            path = self.writer.path
+        if failure is not None and complete:
+            raise failure
+        return path
 
     def __enter__(self) -> Recorder:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.close(complete=exc_type is None)
+
+
+class _BackgroundWrites:
+    """One worker thread running write calls in order, with at most one call in flight."""
+
+    def __init__(self):
+        self._tasks: queue.Queue = queue.Queue()
+        self._free = threading.Semaphore(1)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="attnformat-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                self._tasks.task_done()
+                return
+            function, args, kwargs = task
+            try:
+                if self._failure is None:
+                    function(*args, **kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                self._failure = error
+            finally:
+                self._free.release()
+                self._tasks.task_done()
+
+    def submit(self, function, *args, **kwargs) -> None:
+        self._raise_failure()
+        self._free.acquire()  # wait for the previous write: memory holds one pending layer, not a queue of them
+        self._tasks.put((function, args, kwargs))
+
+    def wait(self) -> None:
+        self._tasks.join()
+        self._raise_failure()
+
+    def stop(self) -> BaseException | None:
+        if self._thread.is_alive():
+            self._tasks.put(None)
+            self._thread.join()
+        return self._failure
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
 
 def _mantissa_bits(values) -> int | None:

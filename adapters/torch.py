@@ -109,7 +109,8 @@ def capture(
             f"attnformat.adapters.Recorder; for Hugging Face models use attnformat.adapters.huggingface, for graph "
             f"attention attnformat.adapters.pyg")
     options = {"model_name": model_name or type(model).__name__, "model_framework": f"torch {torch.__version__}",
-               "model_adapter": "attnformat.adapters.torch", "description": description, "overwrite": overwrite, "dtype": dtype}
+               "model_adapter": "attnformat.adapters.torch", "description": description, "overwrite": overwrite, "dtype": dtype,
+               "background": True}
     return MultiheadAttentionCapture(model, modules, destination, site_names=site_names, tokens=tokens, key_sites=key_sites, recorder_options=options)
 
 

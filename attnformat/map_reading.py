@@ -109,10 +109,10 @@ def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
 
 def _read_with_tensorstore(path: Path, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
     try:
-        import tensorstore
+        import tensorstore  # noqa: F401 - only asking whether it is there
     except ImportError:
         return None
-    from attnformat.engines.zarr import uses_pickle
+    from attnformat.engines.zarr import open_tensorstore, read_strings, uses_pickle
 
     if not path.is_dir() or engine_name_for_path(path) != "zarr":
         return None
@@ -135,8 +135,7 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
     driver = "zarr3" if target["format"] == 3 else "zarr"
 
     def open_array(name):
-        spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path / site / name)}}
-        return tensorstore.open(spec, read=True, context=_shared_context(tensorstore))
+        return open_tensorstore({"driver": driver, "kvstore": {"driver": "file", "path": str(path / site / name)}})
 
     dims = tuple(target["dims"])
     coordinate_names = set(str(target["attrs"].get("coordinates", "")).split()) | set(str(nodes[site]["attrs"].get("coordinates", "")).split())
@@ -145,7 +144,7 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
     numeric = [name for name in index_names + other_names if not _is_string(arrays[name])]
     strings = [name for name in index_names + other_names if _is_string(arrays[name])]
     pending = {name: open_array(name) for name in [variable, *numeric]}  # opened concurrently
-    text = _read_strings(path, site, strings) if strings else {}
+    text = read_strings(path / site, strings) if strings else {}
     stores = {name: future.result() for name, future in pending.items()}
     reads = {name: stores[name].read() for name in numeric}  # issued together, waited together
     values = {name: read.result() for name, read in reads.items()}
@@ -184,30 +183,6 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
     )
 
 
-_CONTEXT = []
-
-
-def _shared_context(tensorstore):
-    # One TensorStore context (thread pools, file handles) for the process, not one per read.
-    if not _CONTEXT:
-        _CONTEXT.append(tensorstore.Context())
-    return _CONTEXT[0]
-
-
 def _is_string(node: dict) -> bool:
     dtype = node.get("dtype")
     return dtype in ("string", "|O", "<U0") or (isinstance(dtype, str) and dtype.startswith(("<U", ">U", "|S")))
-
-
-def _read_strings(path: Path, site: str, names: list[str]) -> dict[str, np.ndarray]:
-    """Read string coordinates (TensorStore has no string type) in one round trip through zarr."""
-    import asyncio
-
-    import zarr.api.asynchronous as zarr_async
-    from zarr.core.sync import sync
-
-    async def read_all():
-        arrays = await asyncio.gather(*(zarr_async.open_array(store=str(path / site / name), mode="r") for name in names))
-        return await asyncio.gather(*(array.getitem(...) for array in arrays))
-
-    return {name: np.asarray(values).astype(object) for name, values in zip(names, sync(read_all()))}

@@ -14,7 +14,7 @@ data each plot draws comes from a preparer that can be called (and tested) witho
 from attnformat.viewer.catalog import PLOT_KINDS, PlotKind, plot
 from attnformat.viewer.colors import color_scale
 from attnformat.viewer.edges import node_link, top_edges, top_edges_data
-from attnformat.viewer.grids import attention_flow, flow_sites, head_grid, layer_comparison
+from attnformat.viewer.grids import attention_flow, flow_sites, head_grid, layer_comparison, step_comparison
 from attnformat.viewer.groups import (
     aggregate_to_groups,
     group_bars,
@@ -112,6 +112,7 @@ __all__ = [
     "sites_of",
     "statistics_boxplots",
     "statistics_summary",
+    "step_comparison",
     "temporal_matrix",
     "top_edges",
     "top_edges_data",

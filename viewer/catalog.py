@@ -8,7 +8,7 @@ from typing import Callable
 
 from attnformat.errors import AttnFormatError
 from attnformat.viewer.edges import node_link, top_edges
-from attnformat.viewer.grids import attention_flow, head_grid, layer_comparison
+from attnformat.viewer.grids import attention_flow, head_grid, layer_comparison, step_comparison
 from attnformat.viewer.groups import group_bars, group_map
 from attnformat.viewer.heatmaps import heatmap, temporal_matrix
 from attnformat.viewer.images import has_patches, image_attention_grid, image_overlay, image_variable
@@ -84,6 +84,8 @@ PLOT_KINDS: dict[str, PlotKind] = {kind.name: kind for kind in (
              lambda s: _has_dim(s, "head") and (_dense(s) or _edge(s))),
     PlotKind("layer-comparison", layer_comparison, "one head or the head mean in every layer",
              lambda s: _has_dim(s, "layer") and (_dense(s) or _edge(s))),
+    PlotKind("step-comparison", step_comparison, "one layer and head at every stored training step",
+             lambda s: _has_dim(s, "step") and (_dense(s) or _edge(s))),
     PlotKind("flow", attention_flow, "encoder self, decoder self and cross-attention side by side", _flow_applies, "file"),
     PlotKind("group-map", group_map, "group x group map (frames, modalities)", _grouped),
     PlotKind("group-bars", group_bars, "per-head bars of a query block over key groups, sink score in titles",

@@ -82,6 +82,30 @@ def layer_comparison(source, *, site=None, variable="weights", head=None, sample
                      cmap=cmap, vmin=vmin, vmax=vmax, log=log)
 
 
+def step_comparison(source, *, site=None, variable="weights", layer=None, head=None, sample=None, time=None, node=None,
+                    ncols: int = 4, origin: str = "upper", cmap=None, vmin=None, vmax=None, log: bool = False,
+                    max_size: int = DISPLAY_SIZE):
+    """The same layer and head (or head mean) at every stored training step, on one colour scale
+    (seed 002's snapshots every N steps, side by side).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import step_comparison
+    >>> figure = step_comparison(attnformat.example_path("steps"), layer=1, head=0)
+    >>> [ax.get_title() for ax in figure.axes[:3]]
+    ['step 100', 'step 200', 'step 300']
+    """
+    chosen = pool_for_display(select(source, variable, site=site, keep=("step",), layer=layer, head=head, sample=sample,
+                                     time=time, node=node), max_size)
+    return _map_grid(chosen, "step", panel_title=lambda s: f"step {s}", variable=variable, ncols=ncols, origin=origin,
+                     cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+
+
 def flow_sites(source) -> tuple[str, str, str]:
     """``(encoder self, decoder self, cross)`` site paths of an encoder-decoder file.
 

@@ -179,7 +179,7 @@ def query_block_profiles(source, *, site=None, variable="weights", query_groups=
     >>> from attnformat.viewer import query_block_profiles
     >>> chosen, profiles = query_block_profiles(attnformat.example_path("frames"), variable="logits")
     >>> profiles.shape, chosen.described["query"]
-    ((4, 5), 'group 4')
+    ((4, 5), 'frame 4')
     """
     from attnformat.viewer.selection import position
 
@@ -200,7 +200,7 @@ def query_block_profiles(source, *, site=None, variable="weights", query_groups=
                                      f"query groups: {', '.join(labels)}")
         wanted_labels = {str(g) for g in wanted}
         rows = [i for i, g in enumerate(groups) if str(g) in wanted_labels]
-        described = "group " + ", ".join(str(g) for g in wanted)
+        described = f"{group_kind(chosen.attrs)} " + ", ".join(str(g) for g in wanted)
     values = _reduce(_masked_as_missing(chosen)[..., rows, :], (-2,), "mean")
     if by_group:
         how = aggregate or default_aggregation(variable, chosen.attrs)
@@ -241,7 +241,7 @@ def group_bars(source, *, site=None, variable="weights", query_groups=None, quer
     >>> from attnformat.viewer import group_bars
     >>> figure = group_bars(attnformat.example_path("frames"), variable="logits")
     >>> figure.axes[0].get_title()
-    'H0 (sink=3.92)'
+    'H0 (sink=4.17)'
     """
     chosen, profiles = query_block_profiles(source, site=site, variable=variable, query_groups=query_groups,
                                             queries=queries, by_group=by_group, aggregate=aggregate, layer=layer,
@@ -259,5 +259,5 @@ def group_bars(source, *, site=None, variable="weights", query_groups=None, quer
         if len(positions) <= 32:
             ax.set_xticks(positions, chosen.key_labels, fontsize=7, rotation=90 if len(positions) > 12 else 0)
         ax.grid(True, alpha=0.3)
-    figure.suptitle(f"{chosen.title(skip=('head',))}\nper-head attention of query {chosen.described['query']}", fontsize=10)
+    figure.suptitle(f"{chosen.title(skip=('head', 'query'))}\nper-head attention of query {chosen.described['query']}", fontsize=10)
     return figure

@@ -100,6 +100,9 @@ def _plan_site(plan: _Plan, tree, site) -> None:
     if applies["head-grid"]:
         for layer in layers:
             add("head-grid", f"layer {layer}: every head", [f"layer{layer}"], layer=layer, step=step)
+    if applies["step-comparison"]:
+        for layer in layers:
+            add("step-comparison", f"layer {layer}: every training step, mean over heads", [f"layer{layer}"], layer=layer)
     if applies["layer-comparison"] and len(layers) > 1:
         add("layer-comparison", "every layer, mean over heads", [], step=step)
     if applies["group-map"]:

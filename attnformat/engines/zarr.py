@@ -11,6 +11,7 @@ units) are handed to ``xarray.open_datatree`` so that they are decoded exactly a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -32,12 +33,19 @@ _EAGER_COORD_ELEMENTS = 1 << 22
 
 
 class _LazyZarrArray(BackendArray):
-    """Read-on-index view of one zarr array, for xarray's lazy indexing machinery."""
+    """Read-on-index view of one zarr array, for xarray's lazy indexing machinery.
 
-    def __init__(self, array: zarr.Array):
+    Numeric arrays of a local directory store are read through TensorStore when it is installed:
+    it decodes the tiles of a large map in parallel and has no Python in its read loop. Everything
+    else goes through zarr-python.
+    """
+
+    def __init__(self, array: zarr.Array, directory: Path | None = None):
         self.array = array
         self.shape = array.shape
         self.dtype = np.dtype(object) if array.dtype.kind == "T" else array.dtype
+        self._spec = tensorstore_spec(array, directory) if directory is not None else None
+        self._tensorstore = None
 
     def __getitem__(self, key):
         return indexing.explicit_indexing_adapter(
@@ -45,8 +53,53 @@ class _LazyZarrArray(BackendArray):
         )
 
     def _read(self, key):
-        values = self.array.oindex[key] if any(isinstance(k, np.ndarray) for k in key) else self.array[key]
+        fancy = any(isinstance(k, np.ndarray) for k in key)
+        if self._spec is not None:
+            if self._tensorstore is None:
+                self._tensorstore = open_tensorstore(self._spec).result()
+            view = self._tensorstore.oindex[key] if fancy else self._tensorstore[key]
+            return view.read().result()
+        values = self.array.oindex[key] if fancy else self.array[key]
         return _as_object_strings(np.asarray(values))
+
+
+_CONTEXT = []
+
+
+def open_tensorstore(spec: dict):
+    """Open a TensorStore array for reading with one shared context (thread pools, caches); a future."""
+    import tensorstore
+
+    if not _CONTEXT:
+        _CONTEXT.append(tensorstore.Context())
+    return tensorstore.open(spec, read=True, context=_CONTEXT[0])
+
+
+def tensorstore_spec(array: zarr.Array, directory: Path) -> dict | None:
+    """TensorStore spec for a numeric array of a local Zarr directory, or None if it cannot read it."""
+    try:
+        import tensorstore  # noqa: F401 - only asking whether it is there
+    except ImportError:
+        return None
+    if array.dtype.kind not in "biuf":
+        return None  # TensorStore has no string type
+    driver = "zarr3" if array.metadata.zarr_format == 3 else "zarr"
+    return {"driver": driver, "kvstore": {"driver": "file", "path": str(directory / array.path)}}
+
+
+def read_strings(store_path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Read several (small) arrays of a local store in one round trip through zarr's event loop;
+    strings come back as Python strings (object dtype)."""
+    import asyncio
+
+    import zarr.api.asynchronous as zarr_async
+    from zarr.core.sync import sync
+
+    async def read_all():
+        arrays = await asyncio.gather(*(zarr_async.open_array(store=str(store_path / name), mode="r") for name in names))
+        return await asyncio.gather(*(array.getitem(...) for array in arrays))
+
+    return {name: _as_object_strings(np.asarray(values)) for name, values in zip(names, sync(read_all()))}
 
 
 def _as_object_strings(values: np.ndarray) -> np.ndarray:
@@ -124,12 +177,20 @@ def _pickled_node(document: dict, key: str) -> str:
 
 
 def _directory_metadata(path: Path):
-    for consolidated in ("zarr.json", ".zmetadata"):
-        if (path / consolidated).exists():
-            yield consolidated, (path / consolidated).read_text(encoding="utf-8", errors="replace")
-    for file in path.rglob("*"):
-        if file.name in _METADATA_NAMES and file.parent != path:
-            yield file.relative_to(path).as_posix(), file.read_text(encoding="utf-8", errors="replace")
+    consolidated = False
+    for name in ("zarr.json", ".zmetadata"):
+        if (path / name).exists():
+            text = (path / name).read_text(encoding="utf-8", errors="replace")
+            consolidated = consolidated or name == ".zmetadata" or '"consolidated_metadata"' in text
+            yield name, text
+    if consolidated:
+        return  # readers take every node's metadata from the consolidated document
+    for directory, subdirectories, files in os.walk(path):
+        subdirectories[:] = [d for d in subdirectories if d != "c"]  # Zarr v3 chunk folders
+        for name in files:
+            if name in _METADATA_NAMES and Path(directory) != path:
+                file = Path(directory) / name
+                yield file.relative_to(path).as_posix(), file.read_text(encoding="utf-8", errors="replace")
 
 
 def _zip_metadata(path: Path):
@@ -160,7 +221,7 @@ def _open_root_group(store, where: str) -> zarr.Group:
         raise UnreadableFileError(f"{where}: not a readable Zarr store ({type(error).__name__}: {error})") from error
 
 
-def _build_tree(root: zarr.Group, where: str) -> xr.DataTree | None:
+def _build_tree(root: zarr.Group, where: str, directory: Path | None = None) -> xr.DataTree | None:
     """Build the DataTree from metadata; None when the file needs xarray's CF decoding."""
     groups: dict[str, dict] = {"/": {"attrs": dict(root.attrs), "arrays": {}}}
     try:
@@ -180,11 +241,11 @@ def _build_tree(root: zarr.Group, where: str) -> xr.DataTree | None:
         return None
     datasets = {}
     for group_path, content in groups.items():
-        datasets[group_path] = _build_dataset(content["attrs"], content["arrays"], f"{where}:{group_path}")
+        datasets[group_path] = _build_dataset(content["attrs"], content["arrays"], f"{where}:{group_path}", directory)
     return xr.DataTree.from_dict(datasets)
 
 
-def _build_dataset(group_attrs: dict, arrays: dict[str, zarr.Array], where: str) -> xr.Dataset:
+def _build_dataset(group_attrs: dict, arrays: dict[str, zarr.Array], where: str, directory: Path | None) -> xr.Dataset:
     coord_names = set(str(group_attrs.pop("coordinates", "")).split())
     dims_of = {name: _dimension_names(array, f"{where}/{name}") for name, array in arrays.items()}
     attrs_of = {}
@@ -196,16 +257,27 @@ def _build_dataset(group_attrs: dict, arrays: dict[str, zarr.Array], where: str)
         attrs_of[name] = attrs
     coord_names.update(name for name, dims in dims_of.items() if dims == (name,))
     _check_dimension_sizes(arrays, dims_of, where)
+    eager = [name for name in arrays if name in coord_names and arrays[name].size <= _EAGER_COORD_ELEMENTS]
+    loaded = _read_eagerly({name: arrays[name] for name in eager}, directory)
     coords, data_vars = {}, {}
     for name, array in arrays.items():
         is_coord = name in coord_names
-        if is_coord and array.size <= _EAGER_COORD_ELEMENTS:
-            data = _as_object_strings(np.asarray(array[...]))
+        if name in loaded:
+            data = loaded[name]
         else:
-            data = indexing.LazilyIndexedArray(_LazyZarrArray(array))
+            data = indexing.LazilyIndexedArray(_LazyZarrArray(array, directory))
         variable = xr.Variable(dims_of[name], data, attrs_of[name])
         (coords if is_coord else data_vars)[name] = variable
     return xr.Dataset(data_vars, coords, attrs=group_attrs)
+
+
+def _read_eagerly(arrays: dict[str, zarr.Array], directory: Path | None) -> dict[str, np.ndarray]:
+    """Read small coordinates all at once, in one zarr round trip for a local directory (one read
+    each for zip archives and URLs)."""
+    if directory is None or not arrays:
+        return {name: _as_object_strings(np.asarray(array[...])) for name, array in arrays.items()}
+    by_path = read_strings(directory, [array.path for array in arrays.values()])
+    return {name: by_path[array.path] for name, array in arrays.items()}
 
 
 def _check_dimension_sizes(arrays: dict, dims_of: dict, where: str) -> None:
@@ -230,11 +302,11 @@ class ZarrEngine:
 
     def open_tree(self, path: Path) -> xr.DataTree:
         refuse_pickle(_directory_metadata(path), str(path))
-        return self._open_store(str(path), str(path))
+        return self._open_store(str(path), str(path), directory=path)
 
-    def _open_store(self, store, where: str) -> xr.DataTree:
+    def _open_store(self, store, where: str, directory: Path | None = None) -> xr.DataTree:
         root = _open_root_group(store, where)
-        tree = _build_tree(root, where)
+        tree = _build_tree(root, where, directory)
         if tree is None:
             tree = xr.open_datatree(store, engine="zarr", chunks=None)
         return tree

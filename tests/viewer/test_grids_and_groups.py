@@ -7,7 +7,7 @@ import pytest
 
 import attnformat
 from attnformat.errors import SelectionError
-from attnformat.viewer import attention_flow, group_bars, group_map, head_grid, layer_comparison, sink_score
+from attnformat.viewer import attention_flow, group_bars, group_map, head_grid, layer_comparison, sink_score, step_comparison
 
 from conftest import drawn
 
@@ -49,6 +49,15 @@ def test_layer_comparison(example):
         np.testing.assert_array_equal(drawn(ax), tree["decoder/cross"]["weights"].sel(layer=layer, head=1).values)
 
 
+def test_step_comparison_of_training_snapshots(example):
+    tree = attnformat.open(example("steps"))
+    figure = step_comparison(tree, variable="logits", layer=1, head=1)
+    assert [ax.get_title() for ax in figure.axes[:3]] == ["step 100", "step 200", "step 300"]
+    for step, ax in zip((100, 200, 300), figure.axes[:3]):
+        np.testing.assert_array_equal(drawn(ax), tree["trunk/iga"]["logits"].sel(step=step, layer=1, head=1).values)
+    assert figure._suptitle.get_text() == "trunk/iga | layer 1 | head 1 | logits (pre-softmax) | every step"
+
+
 def test_encoder_decoder_flow_like_seed_001(example):
     tree = attnformat.open(example("encoder-decoder"))
     figure = attention_flow(tree, layer=1, head=0)
@@ -87,7 +96,7 @@ def test_group_bars_heights_and_sink_scores_like_seed_004(example):
         expected = per_frame[0] - per_frame[1:-1].mean()
         assert ax.get_title() == f"H{head} (sink={expected:.2f})"
         assert ax.patches[0].get_facecolor()[:3] == pytest.approx((0x01 / 255, 0x73 / 255, 0xB2 / 255))
-    assert "query group 4" in figure._suptitle.get_text()
+    assert "per-head attention of query frame 4" in figure._suptitle.get_text()
     assert sink_score([7.0, 1.0, 2.0, 3.0, 9.0]) == 5.0
 
 
