@@ -1,14 +1,18 @@
 """Adapters that capture attention from live models and write attention files.
 
-One module per framework, each with the same few entry points, imported only when used so that
-``import attnformat.adapters`` needs neither torch nor transformers:
+One module per framework, imported only when used, so that ``import attnformat.adapters`` needs
+neither torch nor transformers. Each converts tensors to numpy and writes through the core
+:class:`attnformat.Writer`, layer by layer:
 
-- :class:`Recorder` (``attnformat.adapters.recorder``): log weights/logits/bias from any code.
+- :class:`Recorder` (``attnformat.adapters.recorder``): ``log(site, layer=, step=, weights=,
+  logits=, bias=)`` from any code (a custom attention module, a training loop).
 - ``attnformat.adapters.torch``: ``capture(model, path)`` for every ``nn.MultiheadAttention``.
-- ``attnformat.adapters.huggingface``: ``capture(model, path)`` and ``export_text`` / ``export_image``.
-- ``attnformat.adapters.pyg``: ``capture(model, path)`` for graph attention on edges.
+- ``attnformat.adapters.huggingface``: ``capture(model, path)``, ``export_text``,
+  ``export_image`` and ``load_model`` for ``transformers`` models.
+- ``attnformat.adapters.pyg``: ``capture(model, path)`` for graph attention on edges
+  (GATConv, GATv2Conv, TransformerConv, any MessagePassing layer) and ``temporal_edge_index``.
 
->>> import attnformat.adapters, sys
+>>> import attnformat.adapters
 >>> attnformat.adapters.Recorder.__name__
 'Recorder'
 """

@@ -16,6 +16,7 @@ run, write tokens, masks and weights), :func:`export_image` (ViT) and :func:`loa
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -128,7 +129,16 @@ def capture(
 
 
 class HuggingFaceCapture(HookSession):
-    """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer)."""
+    """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from transformers import GPT2Config, GPT2Model
+    >>> model = GPT2Model(GPT2Config(n_embd=8, n_layer=2, n_head=2, vocab_size=50))
+    >>> capture(model, pathlib.Path(tempfile.mkdtemp()) / "x.attn.zarr").sites
+    {'h.0.attn': ('decoder/self', 0), 'h.1.attn': ('decoder/self', 1)}
+    """
 
     def __init__(self, model, modules, destination, *, tokens, site_names, recorder_options):
         super().__init__(destination, recorder_options=recorder_options)
@@ -155,6 +165,9 @@ class HuggingFaceCapture(HookSession):
         self._implementation = None
 
     def _install(self):
+        if self.model.training:
+            warnings.warn(f"{type(self.model).__name__} is in training mode: attention dropout makes the stored weights one "
+                          f"dropout sample (rows need not sum to 1); call model.eval() before capturing", stacklevel=3)
         config = getattr(self.model, "config", None)
         current = getattr(config, "_attn_implementation", None)
         if current not in (None, "eager") and hasattr(self.model, "set_attn_implementation"):
@@ -254,7 +267,7 @@ def export_text(
     elif targets is not None:
         raise UnsupportedModelError(f"{type(model).__name__} is not an encoder-decoder model; targets= applies only to seq2seq models")
     else:
-        causal = any(_declares_causal(m) for m in model.modules())
+        causal = _declares_causal(model)
         tokens = {"decoder/self" if causal else "encoder/self": {**first_site_tokens, "positions": np.arange(encoded["input_ids"].shape[1])}}
     session = capture(model, destination, tokens=tokens, model_name=model_name, description=description or
                       f"Attention of {type(model).__name__} on {len(texts)} text(s).", overwrite=overwrite)
@@ -290,12 +303,11 @@ def export_image(
     >>> attnformat.open(out)["encoder/self"].attrs["patch_grid"]
     [4, 4]
     """
-    config = model.config
-    image_size, patch_size = _pair(config.image_size), _pair(config.patch_size)
-    grid = [image_size[0] // patch_size[0], image_size[1] // patch_size[1]]
+    patch_size = _pair(model.config.patch_size)
     pixel_values = torch.as_tensor(pixel_values)
     if pixel_values.dim() == 3:
         pixel_values = pixel_values[None]
+    grid = [pixel_values.shape[-2] // patch_size[0], pixel_values.shape[-1] // patch_size[1]]  # the input's size, not the config's
     patches = grid[0] * grid[1]
     tokens_count = _count_tokens(model, pixel_values)
     specials = tokens_count - patches
@@ -335,6 +347,7 @@ def load_model(model_dir: str | os.PathLike):
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -347,8 +360,14 @@ def load_model(model_dir: str | os.PathLike):
         loader = AutoModelForCausalLM
     else:
         loader = AutoModel
-    model = loader.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local load takes a second; its progress bar is only noise
+    try:
+        model = loader.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager").eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding needs one
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

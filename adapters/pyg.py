@@ -28,7 +28,6 @@ from attnformat.adapters.arrays import to_numpy
 from attnformat.adapters.errors import CaptureShapeError, CaptureStateError, UnsupportedModelError
 from attnformat.adapters.recorder import Recorder
 from attnformat.adapters.sessions import HookSession, layer_numbers, site_names_from_paths
-from attnformat.conventions import ATTENTION_DIMS
 
 
 def _message_argument(name: str) -> Callable:
@@ -188,7 +187,16 @@ def capture(
 
 
 class MessagePassingCapture(HookSession):
-    """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer)."""
+    """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, torch
+    >>> from torch_geometric.nn import GATConv
+    >>> model = torch.nn.ModuleList([GATConv(4, 4), GATConv(4, 4)])
+    >>> capture(model, pathlib.Path(tempfile.mkdtemp()) / "x.attn.zarr", site_names=lambda path: "gat").sites
+    {'0': ('gat', 0), '1': ('gat', 1)}
+    """
 
     def __init__(self, layers, extractors, names, destination, *, leading_dims, tokens, repeat_dim, recorder_options):
         super().__init__(destination, recorder_options=recorder_options)
@@ -255,10 +263,7 @@ class MessagePassingCapture(HookSession):
             raise CaptureShapeError(f"{where}: weights of shape {values.shape} have more than one axis (heads) after the edges")
         if trailing == (1,):
             values, trailing = values[..., 0], ()
-        names = leading + ("edge",) + (("head",) if trailing else ())
-        order = sorted(range(len(names)), key=lambda i: ATTENTION_DIMS.index(names[i]))
-        values = values.transpose(order)
-        dims = tuple(names[i] for i in order)
+        dims = leading + ("edge",) + (("head",) if trailing else ())  # the recorder puts them in canonical order
         known = self._site_edges.get(site)
         if known is None:
             self._site_edges[site] = (source, target)

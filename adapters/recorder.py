@@ -11,21 +11,18 @@ appear). The framework adapters write through a Recorder too.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from attnformat.adapters.arrays import to_numpy
 from attnformat.adapters.errors import CaptureShapeError
-from attnformat.errors import AttnFormatError
+from attnformat.conventions import ATTENTION_DIMS as ALL_ATTENTION_DIMS
+from attnformat.conventions import canonical_dims
+from attnformat.errors import AttnFormatError, WriterError
 from attnformat.writer import SiteWriter, Writer
 
-#: Dimensions a log call may select by label, in canonical order.
-SELECTABLE_DIMS = ("step", "sample", "layer", "head", "time", "node")
 MAP_DIMS = {"dense": ("query", "key"), "edge": ("edge",)}
-ATTENTION_VARIABLES = ("weights", "logits", "bias")
 #: How many leading axes a logged array may have without ``dims``, and what they are.
 _GUESSED_LEADING_DIMS = ("sample", "head")
 _DESCRIPTION_KEYS = frozenset({
@@ -51,10 +48,10 @@ class Recorder:
     dtype
         Storage dtype of the attention variables (float32 by default; float16 halves the file).
     background
-        Compress and write in a background thread, so that the model computes the next layer
-        while the previous one is written. At most one write is in flight (memory holds one
-        extra layer); the arrays passed to :meth:`log` must not be modified afterwards. Errors
-        of a background write are raised by the next ``log`` or by ``close``.
+        Let each map be compressed and stored while the model computes the next layer
+        (:class:`attnformat.Writer`'s ``write_behind``): at most one write is in flight, so memory
+        holds one extra layer. Errors of a write still in flight are raised by the next ``log``
+        or by ``close``.
 
     Examples
     --------
@@ -92,7 +89,7 @@ class Recorder:
             self.writer, self._owns_writer = destination, False
         else:
             self.writer = Writer(destination, model_name=model_name, model_framework=model_framework, model_adapter=model_adapter,
-                                 description=description, attrs=attrs, overwrite=overwrite)
+                                 description=description, attrs=attrs, overwrite=overwrite, write_behind=background)
             self._owns_writer = True
         self.every = int(every)
         self.dtype = dtype
@@ -100,11 +97,17 @@ class Recorder:
         self._descriptions: dict[str, dict] = {}
         self._pending_variables: dict[str, list[tuple]] = {}
         self._selected: dict[str, set[str]] = {}
-        self._background = _BackgroundWrites() if background else None
 
     @property
     def path(self):
-        """Where the file will be once closed."""
+        """Where the file will be once closed.
+
+        Examples
+        --------
+        >>> import tempfile, pathlib
+        >>> Recorder(pathlib.Path(tempfile.mkdtemp()) / "run.attn.zarr").path.name
+        'run.attn.zarr'
+        """
         return self.writer.path
 
     def should_log(self, step: int) -> bool:
@@ -260,15 +263,18 @@ class Recorder:
         """
         site = site.strip("/")
         given = {name: value for name, value in (("weights", weights), ("logits", logits), ("bias", bias)) if value is not None}
-        arrays = {name: to_numpy(value) for name, value in given.items()}
+        target = np.float16 if np.dtype(self.dtype) == np.float16 else np.float32
+        arrays = {name: to_numpy(value, dtype=target) for name, value in given.items()}
         if not arrays:
             raise AttnFormatError(f"{self.path}:{site}: log() needs weights, logits or bias")
         selection = {dim: label for dim, label in (("step", step), ("sample", sample), ("layer", layer), ("head", head), ("time", time), ("node", node)) if label is not None}
         selection = {dim: int(label) if isinstance(label, (int, np.integer)) or hasattr(label, "item") else label for dim, label in selection.items()}
+        if dims is not None:
+            dims, arrays = _in_canonical_order(tuple(dims), arrays)
         writer = self.sites.get(site)
         if writer is None:
             keepbits = {name: bits for name, bits in ((name, _mantissa_bits(value)) for name, value in given.items()) if bits is not None}
-            self._flush()  # creating arrays while a write is in flight is not something to race
+            self.writer.flush()  # creating arrays while a write is in flight is not something to race
             writer = self._declare(site, arrays, selection, dims, keepbits)
         for name, values in arrays.items():
             self._write(site, writer, name, values, selection)
@@ -301,7 +307,7 @@ class Recorder:
             if dim == "step":
                 sizes["step"] = 0
                 continue
-            declared = description.get(dim + "s")
+            declared = description.get(dim + "s") if dim in ("sample", "layer", "head") else None  # "times"/"nodes" are counts
             labels = list(declared) if declared is not None else [label]
             sizes[dim] = len(labels)
             coords[dim] = np.asarray(labels)
@@ -365,8 +371,11 @@ class Recorder:
                                     f"(its first log selected those); this log selects {tuple(selection)}")
         for dim, label in picked.items():
             if dim != "step" and label not in writer.labels.get(dim, []):
-                self._flush()
-                _append_label(writer, dim, label, where)
+                try:
+                    writer.append_label(dim, label)
+                except WriterError as error:
+                    raise CaptureShapeError(f"{where}: cannot add {dim}={label!r} ({error}); declare every label up front "
+                                            f"with describe(..., {dim}s=[...])") from error
         expected = tuple(writer.sizes[d] for d in variable_dims if d not in picked)
         if values.shape != expected and name == "bias":
             try:
@@ -377,32 +386,27 @@ class Recorder:
             free = tuple(d for d in variable_dims if d not in picked)
             raise CaptureShapeError(f"{where}: {name} has shape {values.shape}, but the site was declared with {expected} for "
                                     f"{free} on its first log; log the same shape each time or use another site name")
-        if self._background is None:
-            writer.write(name, values, **picked)
-        else:
-            self._background.submit(writer.write, name, values, **picked)
-
-    def _flush(self) -> None:
-        if self._background is not None:
-            self._background.wait()
+        writer.write(name, values, **picked)
 
     # -- closing -----------------------------------------------------------------------------
     def close(self, *, complete: bool = True):
         """Finish the file (when the recorder opened it) and return its path.
 
-        Waits for background writes; if one failed, the file is closed incomplete and the
+        Waits for a write still in flight; if it failed, the file is closed incomplete and the
         error is raised.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, pathlib, attnformat
+        >>> rec = Recorder(pathlib.Path(tempfile.mkdtemp()) / "x.attn.zarr")
+        >>> rec.log("self", weights=np.full((2, 2), 0.5))
+        >>> attnformat.is_complete(attnformat.open(rec.close()))
+        True
         """
-        failure = None
-        if self._background is not None:
-            failure = self._background.stop()
         if self._owns_writer:
-            path = self.writer.close(complete=complete and failure is None)
-        else:
-            path = self.writer.path
-        if failure is not None and complete:
-            raise failure
-        return path
+            return self.writer.close(complete=complete)
+        self.writer.flush()
+        return self.writer.path
 
     def __enter__(self) -> Recorder:
         return self
@@ -411,50 +415,16 @@ class Recorder:
         self.close(complete=exc_type is None)
 
 
-class _BackgroundWrites:
-    """One worker thread running write calls in order, with at most one call in flight."""
-
-    def __init__(self):
-        self._tasks: queue.Queue = queue.Queue()
-        self._free = threading.Semaphore(1)
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="attnformat-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                self._tasks.task_done()
-                return
-            function, args, kwargs = task
-            try:
-                if self._failure is None:
-                    function(*args, **kwargs)
-            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
-                self._failure = error
-            finally:
-                self._free.release()
-                self._tasks.task_done()
-
-    def submit(self, function, *args, **kwargs) -> None:
-        self._raise_failure()
-        self._free.acquire()  # wait for the previous write: memory holds one pending layer, not a queue of them
-        self._tasks.put((function, args, kwargs))
-
-    def wait(self) -> None:
-        self._tasks.join()
-        self._raise_failure()
-
-    def stop(self) -> BaseException | None:
-        if self._thread.is_alive():
-            self._tasks.put(None)
-            self._thread.join()
-        return self._failure
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
+def _in_canonical_order(dims: tuple, arrays: dict) -> tuple[tuple, dict]:
+    """Transpose arrays given with ``dims`` in another order into the spec's canonical order."""
+    unknown = [d for d in dims if d not in ALL_ATTENTION_DIMS]
+    if unknown:
+        raise CaptureShapeError(f"dims {dims}: {unknown} are not attention dimensions {ALL_ATTENTION_DIMS}")
+    ordered = canonical_dims(dims)
+    if ordered == dims:
+        return dims, arrays
+    permutation = [dims.index(d) for d in ordered]
+    return ordered, {name: values.transpose(permutation) if values.ndim == len(dims) else values for name, values in arrays.items()}
 
 
 def _mantissa_bits(values) -> int | None:
@@ -488,24 +458,3 @@ def _token_coords(description: Mapping) -> dict:
             token_dims = (side,) if array.ndim == 1 else ("sample", side)
             coords[f"{side}_{suffix}"] = (token_dims, array)
     return coords
-
-
-def _append_label(writer: SiteWriter, dim: str, label, where: str) -> None:
-    """Grow a site along a leading dimension by one label.
-
-    The core writer grows only ``step``; this is the same resize for ``layer``, ``head``...
-    so that a recorder need not know how many layers a model has before the first log.
-    """
-    dependents = [name for name, dims in writer.coord_dims.items() if dim in dims and name != dim]
-    if dependents or dim not in writer.labels:
-        raise CaptureShapeError(f"{where}: cannot add {dim}={label!r}: the site was declared with {dim} labels "
-                                f"{writer.labels.get(dim)}; declare every label up front with describe(..., {dim}s=[...])")
-    labels = writer.labels[dim]
-    labels.append(label)
-    writer.sizes[dim] = len(labels)
-    for name, dims in writer.dims.items():
-        if dim in dims:
-            writer.group[name].resize(tuple(writer.sizes[d] for d in dims))
-    coordinate = writer.group[dim]
-    coordinate.resize((len(labels),))
-    coordinate[len(labels) - 1] = label

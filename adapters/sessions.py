@@ -79,6 +79,12 @@ class HookSession:
 
     Subclasses implement ``_install()`` (returning removable handles) and may extend
     ``_restore()``. ``recorder`` is the :class:`Recorder` the hooks write into.
+
+    Examples
+    --------
+    >>> from attnformat.adapters.torch import MultiheadAttentionCapture
+    >>> issubclass(MultiheadAttentionCapture, HookSession)
+    True
     """
 
     def __init__(self, destination, *, recorder_options: Mapping):

@@ -115,7 +115,16 @@ def capture(
 
 
 class MultiheadAttentionCapture(HookSession):
-    """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer)."""
+    """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from torch import nn
+    >>> session = capture(nn.MultiheadAttention(8, 2), pathlib.Path(tempfile.mkdtemp()) / "x.attn.zarr")
+    >>> session.sites
+    {'': ('attention', 0)}
+    """
 
     def __init__(self, root, modules, destination, *, site_names, tokens, key_sites, recorder_options):
         super().__init__(destination, recorder_options=recorder_options)
@@ -172,7 +181,11 @@ class MultiheadAttentionCapture(HookSession):
                 arguments.pop("self")
             else:
                 arguments = self._encoder_layer_attention_arguments(encoder_layer, args, kwargs)
-            weights = _per_head_weights(module, arguments)
+            caller_has_them = encoder_layer is None and arguments["need_weights"] and not arguments["average_attn_weights"]
+            if caller_has_them and not (module.training and module.dropout > 0) and isinstance(output, tuple) and output[1] is not None:
+                weights = _with_sample_axis(to_numpy(output[1]).copy())  # the caller asked for exactly these; copied as the caller owns them
+            else:
+                weights = _per_head_weights(module, arguments)
             if site not in self.recorder.sites:
                 self._describe(site, module, arguments, weights.shape)
             self.recorder.log(site, layer=layer, weights=weights, dims=("sample", "head", "query", "key"))
@@ -239,7 +252,11 @@ def _per_head_weights(module: nn.MultiheadAttention, arguments: dict) -> np.ndar
             _, weights = module.forward(**{**arguments, "need_weights": True, "average_attn_weights": False})
     finally:
         module.training = was_training
-    weights = to_numpy(weights)
+    return _with_sample_axis(to_numpy(weights))
+
+
+def _with_sample_axis(weights: np.ndarray) -> np.ndarray:
+    """Unbatched calls give (head, query, key); the file always has a sample axis."""
     return weights[None] if weights.ndim == 3 else weights
 
 

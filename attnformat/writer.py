@@ -57,6 +57,11 @@ class Writer:
         Replace ``path`` at close if it exists (the old file stays until then).
     zarr_format
         3 (default) or 2.
+    write_behind
+        Return from :meth:`SiteWriter.write` while the map is still being compressed and
+        stored, so that the caller computes the next layer meanwhile (at most one map in
+        flight). If the process is killed, that one map may be missing (it reads as NaN); by
+        default every ``write`` is on disk when it returns.
 
     Examples
     --------
@@ -83,8 +88,10 @@ class Writer:
         attrs: Mapping | None = None,
         overwrite: bool = False,
         zarr_format: int = 3,
+        write_behind: bool = False,
     ):
         self.path = Path(path)
+        self.write_behind = write_behind
         self.engine_name = engine_name_for_path(self.path)
         if self.path.exists() and not overwrite:
             raise AttnFormatError(f"{self.path}: already exists; pass overwrite=True to replace it")
@@ -106,6 +113,7 @@ class Writer:
         self.root = zarr.open_group(str(self.store_path), mode="w", zarr_format=zarr_format, attributes=root_attrs)
         self.sites: dict[str, SiteWriter] = {}
         self.closed = False
+        self._pending = None  # (future, where) of the one write still in flight
 
     def create_site(
         self,
@@ -159,7 +167,37 @@ class Writer:
         """
         if self.closed:
             return self.path
-        self.closed = True
+        try:
+            self.flush()
+        except WriterError:
+            complete = False
+            raise
+        finally:
+            self.closed = True
+            self._finish(complete)
+        return self.path
+
+    def flush(self) -> None:
+        """Wait until every map passed to :meth:`SiteWriter.write` is on disk.
+
+        Only a writer made with ``write_behind=True`` has a write in flight between calls (at
+        most one); a failed write is raised here, or by the next ``write``.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            future, where = pending
+            try:
+                future.result()
+            except Exception as error:
+                raise WriterError(f"{where}: writing to {self.store_path} failed: {error}") from error
+
+    def _store(self, handle, region, values, where: str) -> None:
+        self.flush()
+        self._pending = (handle[region].write(values), where)
+        if not self.write_behind:
+            self.flush()
+
+    def _finish(self, complete: bool) -> None:
         self.root.attrs[ROOT_COMPLETENESS] = "complete" if complete else "incomplete"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -175,7 +213,6 @@ class Writer:
 
             convert(self.store_path, self.path, overwrite=self.overwrite, zarr_format=self.zarr_format)
             shutil.rmtree(self.store_path)
-        return self.path
 
     def _check_open(self) -> None:
         if self.closed:
@@ -194,6 +231,8 @@ class SiteWriter:
     def __init__(self, writer, group, name, sizes, variables, dtype, coords, keepbits):
         self.writer, self.group, self.name, self.dtype, self.keepbits = writer, group, name, dtype, keepbits
         self.where = f"{writer.path}:{name}"
+        self._arrays: dict[str, zarr.Array] = {}
+        self._tensorstores: dict[str, object] = {}
         unknown = [d for d in sizes if d not in ATTENTION_DIMS]
         if unknown:
             raise WriterError(f"{self.where}: unknown dimensions {unknown}; attention dimensions are {ATTENTION_DIMS} [ATTN-DIM-001]")
@@ -203,6 +242,7 @@ class SiteWriter:
             raise WriterError(f"{self.where}: a {layout} site needs dimensions {needed} in sizes [ATTN-DIM-003]")
         declared = canonical_dims(sizes)
         self.sizes = {dim: int(sizes[dim]) for dim in declared}
+        self.growing = {dim for dim in declared if dim in LEADING_DIMS and (dim == "step" or self.sizes[dim] == 0)}
         if "step" in self.sizes:
             self.sizes["step"] = 0
         self.labels: dict[str, list] = {}
@@ -221,12 +261,14 @@ class SiteWriter:
         for dim in LEADING_DIMS:
             if dim in self.sizes and dim not in coords:
                 coords = {**coords, dim: np.arange(self.sizes[dim], dtype=np.int64)}
+            if dim in self.sizes and dim != "step" and self.sizes[dim] == 0 and np.asarray(coords[dim]).size == 0:
+                coords = {**coords, dim: np.zeros(0, dtype=np.int64)}
         for name, spec in coords.items():
             dims, values = _split_coord_spec(name, spec)
             if name == "step":
                 values = values.astype(np.int64)
             expected = tuple(self.sizes.get(d, values.shape[i] if i < values.ndim else -1) for i, d in enumerate(dims))
-            if values.shape != expected and name != "step":
+            if values.shape != expected and not (dims == (name,) and self.sizes.get(name) == 0):
                 raise WriterError(f"{self.where}: coordinate {name!r} has shape {values.shape}, but its dimensions {dims} have sizes {expected}")
             for i, dim in enumerate(dims):
                 self.sizes.setdefault(dim, values.shape[i])
@@ -333,8 +375,9 @@ class SiteWriter:
         extra = [d for d in selection if d not in dims]
         if extra:
             raise WriterError(f"{self.where}/{variable}: cannot select {extra}; its dimensions are {dims}")
-        if "step" in selection:
-            self._ensure_step(selection["step"])
+        for dim in self.growing & set(selection):
+            if selection[dim] not in self.labels[dim]:
+                self.append_label(dim, selection[dim])
         region = []
         for dim in dims:
             if dim in selection:
@@ -351,7 +394,24 @@ class SiteWriter:
             )
         if variable in self.keepbits and values.dtype.kind == "f":
             values = bitround(values, self.keepbits[variable])
-        self.group[variable][tuple(region)] = values
+        handle = self._tensorstore(variable)
+        if handle is None:
+            self.writer.flush()
+            self._array(variable)[tuple(region)] = values
+        else:
+            where = ", ".join(f"{d}={selection[d]}" for d in selection)
+            self.writer._store(handle, tuple(region), values, f"{self.where}/{variable} [{where}]")
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def _tensorstore(self, name: str):
+        """A TensorStore handle for writing a numeric variable, or None to write through zarr."""
+        if name not in self._tensorstores:
+            self._tensorstores[name] = _open_for_writing(self._array(name), self.writer.store_path)
+        return self._tensorstores[name]
 
     def _position(self, variable: str, dim: str, label) -> int:
         labels = self.labels.get(dim)
@@ -362,21 +422,43 @@ class SiteWriter:
         except ValueError:
             raise WriterError(f"{self.where}/{variable}: {dim}={label!r} is not declared; {dim} labels: {labels}") from None
 
-    def _ensure_step(self, step) -> None:
-        steps = self.labels["step"]
-        step = int(step)
-        if step in steps:
-            return
-        if steps and step < steps[-1]:
-            raise WriterError(f"{self.where}: step {step} comes after step {steps[-1]}; steps must increase [ATTN-COORD-001]")
-        steps.append(step)
-        self.sizes["step"] = len(steps)
-        for name in list(self.dims) + ["step"]:
-            array = self.group[name]
-            dims = self.dims.get(name, ("step",))
-            if "step" in dims:
-                array.resize(tuple(self.sizes[d] for d in dims))
-        self.group["step"][len(steps) - 1] = step
+    def append_label(self, dim: str, label) -> None:
+        """Grow the site by one entry along a leading dimension, labelled ``label``.
+
+        ``step`` grows this way on its own when a new step is written; any other leading
+        dimension declared with size 0 (``sizes={"layer": 0, ...}``) grows when a new label is
+        written, for code that does not know how many layers it will see. Steps must increase;
+        other labels must be new. A dimension that other coordinates depend on (``sample`` with
+        per-sample labels) cannot grow.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, pathlib, attnformat
+        >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+        >>> site = writer.create_site("self", sizes={"layer": 0, "query": 2, "key": 2})
+        >>> for layer in (0, 1, 2):
+        ...     site.write("weights", np.full((2, 2), 0.5), layer=layer)
+        >>> site.labels["layer"]
+        [0, 1, 2]
+        """
+        labels = self.labels.get(dim)
+        dependents = [name for name, dims in self.coord_dims.items() if dim in dims and name != dim]
+        if labels is None or dim not in LEADING_DIMS or dependents:
+            raise WriterError(f"{self.where}: dimension {dim!r} cannot grow" + (f" ({', '.join(dependents)} depend on it)" if dependents else ""))
+        if dim == "step":
+            label = int(label)
+            if labels and label <= labels[-1]:
+                raise WriterError(f"{self.where}: step {label} comes after step {labels[-1]}; steps must increase [ATTN-COORD-001]")
+        elif label in labels:
+            raise WriterError(f"{self.where}: {dim}={label!r} exists already")
+        self.writer.flush()  # no write may be in flight while arrays change shape
+        labels.append(label)
+        self.sizes[dim] = len(labels)
+        for name, dims in [*self.dims.items(), (dim, (dim,))]:
+            if dim in dims:
+                self._array(name).resize(tuple(self.sizes[d] for d in dims))
+                self._tensorstores.pop(name, None)  # reopened with the new shape
+        self._array(dim)[len(labels) - 1] = label
 
 
 def _split_coord_spec(name: str, spec) -> tuple[tuple[str, ...], np.ndarray]:
@@ -385,3 +467,25 @@ def _split_coord_spec(name: str, spec) -> tuple[tuple[str, ...], np.ndarray]:
         dims = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
         return dims, np.asarray(spec[1])
     return (name,), np.asarray(spec)
+
+
+_WRITE_CONTEXT = []
+
+
+def _open_for_writing(array: zarr.Array, store_path: Path):
+    """Open a numeric array for writing through TensorStore (None without it, or for strings).
+
+    File writes are not fsync'ed one by one: the store is consolidated and moved into place at
+    close, and a process that dies still leaves every completed write on disk.
+    """
+    try:
+        import tensorstore
+    except ImportError:
+        return None
+    if array.dtype.kind not in "biuf":
+        return None
+    if not _WRITE_CONTEXT:
+        _WRITE_CONTEXT.append(tensorstore.Context({"file_io_sync": False}))
+    driver = "zarr3" if array.metadata.zarr_format == 3 else "zarr"
+    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(store_path / array.path)}}
+    return tensorstore.open(spec, open=True, write=True, context=_WRITE_CONTEXT[0]).result()

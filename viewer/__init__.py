@@ -11,7 +11,7 @@ data each plot draws comes from a preparer that can be called (and tested) witho
 'encoder/self | layer 0 | head 2 | weights (softmax)'
 """
 
-from attnformat.viewer.catalog import PLOT_KINDS, PlotKind, plot
+from attnformat.viewer.catalog import PLOT_KINDS, PlotKind, main_variable, plot
 from attnformat.viewer.colors import color_scale
 from attnformat.viewer.edges import node_link, top_edges, top_edges_data
 from attnformat.viewer.grids import attention_flow, flow_sites, head_grid, layer_comparison, step_comparison
@@ -91,6 +91,7 @@ __all__ = [
     "image_overlay",
     "labels_of",
     "layer_comparison",
+    "main_variable",
     "node_link",
     "open_source",
     "pairwise_data",

@@ -6,12 +6,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from attnformat.errors import AttnFormatError
+from attnformat.errors import AttnFormatError, SelectionError
 from attnformat.viewer.edges import node_link, top_edges
-from attnformat.viewer.grids import attention_flow, head_grid, layer_comparison, step_comparison
+from attnformat.viewer.grids import attention_flow, flow_sites, head_grid, layer_comparison, step_comparison
 from attnformat.viewer.groups import group_bars, group_map
 from attnformat.viewer.heatmaps import heatmap, temporal_matrix
-from attnformat.viewer.images import has_patches, image_attention_grid, image_overlay, image_variable
+from attnformat.viewer.images import has_patches, image_attention_grid, image_overlay
 from attnformat.viewer.pairwise import (
     attention_vs_distance,
     distance_profile,
@@ -23,7 +23,25 @@ from attnformat.viewer.rollout import rollout_map
 from attnformat.viewer.statistics import statistics_boxplots, top_pairs_plot
 
 
+def main_variable(site) -> str | None:
+    """The variable a site's plots show by default: ``weights``, else ``logits`` (some tools keep only
+    the scores, like seed 004), else None.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import resolve_site
+    >>> main_variable(resolve_site(attnformat.example_path("frames")))
+    'weights'
+    """
+    return next((name for name in ("weights", "logits") if name in site.data_vars), None)
+
+
 def _dense(site) -> bool:
+    return site.attrs.get("layout") == "dense" and main_variable(site) is not None
+
+
+def _dense_weights(site) -> bool:
     return site.attrs.get("layout") == "dense" and "weights" in site.data_vars
 
 
@@ -32,7 +50,8 @@ def _edge(site) -> bool:
 
 
 def _has_dim(site, dim) -> bool:
-    return "weights" in site.data_vars and dim in site["weights"].dims
+    variable = main_variable(site)
+    return variable is not None and dim in site[variable].dims
 
 
 def _grouped(site) -> bool:
@@ -40,11 +59,11 @@ def _grouped(site) -> bool:
 
 
 def _pairwise(site) -> bool:
-    return _dense(site) and any(v.attrs.get("role") == "pairwise" for v in site.data_vars.values())
+    return _dense_weights(site) and any(v.attrs.get("role") == "pairwise" for v in site.data_vars.values())
 
 
 def _square_self(site) -> bool:
-    return (_dense(site) and site.attrs.get("attention_type", "self") == "self"
+    return (_dense_weights(site) and site.attrs.get("attention_type", "self") == "self"
             and site.sizes.get("query") == site.sizes.get("key") and _has_dim(site, "layer"))
 
 
@@ -64,12 +83,10 @@ class PlotKind:
     @property
     def parameters(self) -> list[str]:
         """Keyword parameters the function takes."""
-        return [p for p in inspect.signature(self.function).parameters if p not in ("source", "ax")]
+        return [p for p in inspect.signature(self.function).parameters if p not in ("source", "ax", "data")]
 
 
 def _flow_applies(tree) -> bool:
-    from attnformat.viewer.grids import flow_sites
-
     try:
         flow_sites(tree)
     except AttnFormatError:
@@ -102,9 +119,9 @@ PLOT_KINDS: dict[str, PlotKind] = {kind.name: kind for kind in (
     PlotKind("distance-statistics", distance_statistics, "attention and bias against distance, local vs global", _pairwise),
     PlotKind("query-profiles", query_profiles, "a few queries' attention, bias and neighbourhood", _pairwise),
     PlotKind("image-overlay", image_overlay, "a query's (CLS) attention upsampled onto the stored image",
-             lambda s: _dense(s) and has_patches(s)),
+             lambda s: _dense_weights(s) and has_patches(s)),
     PlotKind("image-grid", image_attention_grid, "patch attention and overlay per head or per layer (--over)",
-             lambda s: _dense(s) and has_patches(s)),
+             lambda s: _dense_weights(s) and has_patches(s)),
     PlotKind("stats", statistics_boxplots, "box plots per layer of max, mean and entropy across samples and heads",
              lambda s: _dense(s) or _edge(s)),
     PlotKind("top-pairs", top_pairs_plot, "the top-k query -> key pairs", lambda s: _dense(s) or _edge(s)),
@@ -131,8 +148,6 @@ def plot(source, kind: str, **options):
     >>> plot(attnformat.example_path("dense"), "heatmap", layer=1, head=0).get_title()
     'encoder/self | layer 1 | head 0 | weights (softmax)'
     """
-    from attnformat.errors import SelectionError
-
     if kind not in PLOT_KINDS:
         raise SelectionError(f"no plot kind {kind!r}; kinds: {', '.join(PLOT_KINDS)}")
     entry = PLOT_KINDS[kind]

@@ -103,5 +103,11 @@ def color_scale(values, *, variable: str = "weights", cmap=None, vmin=None, vmax
 
 
 def masked(values) -> np.ma.MaskedArray:
-    """Values with NaN and +/-inf masked, so they draw in :data:`MISSING_COLOR`."""
+    """Values with NaN and +/-inf masked, so they draw in :data:`MISSING_COLOR`.
+
+    Examples
+    --------
+    >>> masked(np.array([1.0, np.nan, -np.inf])).mask.tolist()
+    [False, True, True]
+    """
     return np.ma.masked_invalid(np.asarray(values))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.collections import LineCollection
 
+from attnformat.conventions import is_site
 from attnformat.errors import SelectionError
 from attnformat.viewer.colors import BAR_COLOR, color_scale
 from attnformat.viewer.output import axes_or_new
@@ -16,8 +17,6 @@ def _edge_site(source, site, node_dim: str = "node"):
     if site is not None:
         return resolve_site(source, site)
     tree = open_source(source)
-    from attnformat.conventions import is_site
-
     if is_site(tree.attrs):
         return tree
     candidates = [s for s in sites_of(tree) if s.attrs.get("layout") == "edge"]
@@ -29,7 +28,15 @@ def _edge_site(source, site, node_dim: str = "node"):
 
 
 def edge_names(site) -> list[str]:
-    """``"source -> target"`` for every edge, with node labels."""
+    """``"source -> target"`` for every edge, with node labels.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import resolve_site
+    >>> edge_names(resolve_site(attnformat.example_path("edge")))[:2]
+    ['sensor 0 -> sensor 0', 'sensor 1 -> sensor 0']
+    """
     labels = node_labels(site)
     return [f"{labels[s]} -> {labels[t]}" for s, t in zip(site.coords["source"].values, site.coords["target"].values)]
 

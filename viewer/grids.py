@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from attnformat.errors import SelectionError
 from attnformat.viewer.colors import color_scale
 from attnformat.viewer.groups import group_kind, group_selection
 from attnformat.viewer.heatmaps import axis_names, draw_map, heatmap
 from attnformat.viewer.output import grid
-from attnformat.viewer.selection import DISPLAY_SIZE, pool_for_display, select, sites_of
+from attnformat.viewer.selection import DISPLAY_SIZE, open_source, pool_for_display, select, sites_of
 
 
 def _map_grid(chosen, dim: str, *, panel_title, variable, ncols, origin, cmap, vmin, vmax, log, xlabel=None, ylabel=None):
@@ -18,9 +17,18 @@ def _map_grid(chosen, dim: str, *, panel_title, variable, ncols, origin, cmap, v
     figure, axes = grid(len(names), ncols=ncols)
     default_x, default_y = axis_names(chosen)
     image = None
-    for ax, name, values in zip(axes, names, chosen.values):
-        image = draw_map(ax, values, cmap=cmap, norm=norm, query_labels=chosen.query_labels, key_labels=chosen.key_labels,
-                         origin=origin, xlabel=xlabel or default_x, ylabel=ylabel or default_y, title=panel_title(name))
+    columns = min(ncols, len(names))
+    for index, (ax, name, values) in enumerate(zip(axes, names, chosen.values)):
+        # Every panel shares the tokens: label the outer edges only (clearer, and much faster to draw).
+        left, bottom = index % columns == 0, index >= len(names) - columns
+        image = draw_map(ax, values, cmap=cmap, norm=norm, query_labels=chosen.query_labels if left else (),
+                         key_labels=chosen.key_labels if bottom else (), origin=origin,
+                         xlabel=(xlabel or default_x) if bottom else "", ylabel=(ylabel or default_y) if left else "",
+                         title=panel_title(name))
+        if not left:
+            ax.tick_params(labelleft=False)
+        if not bottom:
+            ax.tick_params(labelbottom=False)
     figure.colorbar(image, ax=axes, label=chosen.normalization, shrink=0.8)
     figure.suptitle(chosen.title(skip=(dim,)) + f" | every {dim}", fontsize=11)
     return figure
@@ -151,8 +159,6 @@ def attention_flow(source, *, layer=None, head=None, sample=None, step=None, var
     >>> figure.axes[2].get_title().split(" | ")[0]
     'decoder/cross'
     """
-    from attnformat.viewer.selection import open_source
-
     tree = open_source(source)
     encoder, decoder, cross = flow_sites(tree)
     figure, axes = grid(3, ncols=3, panel_size=(5.2, 4.6))

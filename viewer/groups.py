@@ -13,7 +13,7 @@ from attnformat.errors import AttnFormatError, SelectionError
 from attnformat.viewer.colors import BAR_COLOR, color_scale
 from attnformat.viewer.heatmaps import draw_map
 from attnformat.viewer.output import axes_or_new, grid
-from attnformat.viewer.selection import _reduce, resolve_site, select, site_name
+from attnformat.viewer.selection import _reduce, labels_of, position, resolve_site, select, site_name
 
 AGGREGATIONS = ("mean", "sum", "max")
 
@@ -33,7 +33,15 @@ def group_order(groups) -> list:
 
 
 def token_groups(site: xr.DataTree, dim: str, sample: int | None = None) -> np.ndarray:
-    """The group of every ``query`` or ``key`` token; SelectionError when the site has none."""
+    """The group of every ``query`` or ``key`` token; SelectionError when the site has none.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import resolve_site
+    >>> token_groups(resolve_site(attnformat.example_path("frames")), "key")[:4].tolist()
+    [0, 0, 0, 1]
+    """
     name = f"{dim}_group"
     if name not in site.coords:
         raise SelectionError(f"site {site_name(site)} has no {name} coordinate, so tokens cannot be grouped; "
@@ -121,7 +129,13 @@ def _masked_as_missing(chosen) -> np.ndarray:
 
 
 def group_kind(attrs) -> str:
-    """What a site's groups are (``frame``, ``modality``...), from ``group_kind``; ``group`` otherwise."""
+    """What a site's groups are (``frame``, ``modality``...), from ``group_kind``; ``group`` otherwise.
+
+    Examples
+    --------
+    >>> group_kind({"group_kind": "frame"}), group_kind({})
+    ('frame', 'group')
+    """
     return str(attrs.get("group_kind", "group"))
 
 
@@ -181,8 +195,6 @@ def query_block_profiles(source, *, site=None, variable="weights", query_groups=
     >>> profiles.shape, chosen.described["query"]
     ((4, 5), 'frame 4')
     """
-    from attnformat.viewer.selection import position
-
     site_node = resolve_site(source, site)
     chosen = select(site_node, variable, keep=("head",), drop_padding=False, layer=layer, sample=sample, step=step)
     sample_position = chosen.positions.get("sample")
@@ -211,17 +223,11 @@ def query_block_profiles(source, *, site=None, variable="weights", query_groups=
         chosen.key_labels = [str(g) for g in group_order(key_groups)]
         chosen.described["tokens"] = f"{how} per {group_kind(chosen.attrs)}"
     else:
-        chosen.key_labels = [str(label) for label in _labels(site_node, "key", sample_position)]
+        chosen.key_labels = labels_of(site_node, "key", sample_position)
     chosen.described["query"] = described
     chosen.values = values
     chosen.dims = ("head", "key")
     return chosen, values
-
-
-def _labels(site, dim, sample):
-    from attnformat.viewer.selection import labels_of
-
-    return labels_of(site, dim, sample)
 
 
 def group_bars(source, *, site=None, variable="weights", query_groups=None, queries=None, by_group=True,

@@ -6,7 +6,7 @@ import numpy as np
 
 from attnformat.viewer.colors import color_scale, masked
 from attnformat.viewer.output import axes_or_new
-from attnformat.viewer.selection import DISPLAY_SIZE, pool_for_display, select
+from attnformat.viewer.selection import DISPLAY_SIZE, pool_for_display, select, sites_of
 
 #: Beyond this many tokens, ticks show positions instead of every label.
 MAX_LABELLED_TOKENS = 64
@@ -14,7 +14,18 @@ MAX_LABELLED_TOKENS = 64
 
 def draw_map(ax, values, *, cmap, norm, query_labels=(), key_labels=(), origin: str = "upper",
              xlabel: str = "key", ylabel: str = "query", title: str | None = None):
-    """Draw one prepared map on ``ax`` with labelled ticks; returns the AxesImage."""
+    """Draw one prepared map on ``ax`` with labelled ticks; returns the AxesImage.
+
+    Examples
+    --------
+    >>> import numpy as np, matplotlib.pyplot as plt
+    >>> from attnformat.viewer import color_scale
+    >>> values = np.eye(2)
+    >>> cmap, norm = color_scale(values)
+    >>> image = draw_map(plt.figure().add_subplot(), values, cmap=cmap, norm=norm, key_labels=["a", "b"])
+    >>> [t.get_text() for t in image.axes.get_xticklabels()]
+    ['a', 'b']
+    """
     image = ax.imshow(masked(values), cmap=cmap, norm=norm, aspect="auto", origin=origin, interpolation="nearest")
     rows, cols = np.shape(values)[-2:]
     if 0 < len(key_labels) == cols and cols <= MAX_LABELLED_TOKENS:
@@ -29,7 +40,15 @@ def draw_map(ax, values, *, cmap, norm, query_labels=(), key_labels=(), origin: 
 
 
 def axis_names(chosen) -> tuple[str, str]:
-    """``(xlabel, ylabel)``: key/query, or source/target node for densified edges."""
+    """``(xlabel, ylabel)``: key/query, or source/target node for densified edges.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import select
+    >>> axis_names(select(attnformat.example_path("edge"), layer=0))
+    ('source node (key)', 'target node (query)')
+    """
     if chosen.attrs.get("layout") == "edge":
         node_dim = chosen.attrs.get("edge_node_dim", "node")
         return f"source {node_dim} (key)", f"target {node_dim} (query)"
@@ -98,8 +117,6 @@ def temporal_matrix(source, *, site=None, node=0, layer=None, head=None, sample=
     >>> temporal_matrix(attnformat.example_path("edge-time"), node=2).get_xlabel()
     'source time (key)'
     """
-    from attnformat.viewer.selection import sites_of
-
     if site is None:
         temporal = [s for s in sites_of(source) if s.attrs.get("edge_node_dim") == "time"]
         site = temporal[0].path if temporal else None

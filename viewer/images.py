@@ -15,13 +15,29 @@ OVERLAY_CMAP = "jet"
 
 
 def image_variable(site) -> str | None:
-    """Name of the site's input image (``role="image"``), or None."""
+    """Name of the site's input image (``role="image"``), or None.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import resolve_site
+    >>> image_variable(resolve_site(attnformat.example_path("image")))
+    'image'
+    """
     names = [n for n, v in site.data_vars.items() if v.attrs.get("role") == "image"]
     return names[0] if names else None
 
 
 def has_patches(site) -> bool:
-    """True when keys carry patch positions (``key_patch_row``/``key_patch_col``)."""
+    """True when keys carry patch positions (``key_patch_row``/``key_patch_col``).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import resolve_site
+    >>> has_patches(resolve_site(attnformat.example_path("image"))), has_patches(resolve_site(attnformat.example_path("dense")))
+    (True, False)
+    """
     return "key_patch_row" in site.coords and "key_patch_col" in site.coords
 
 
@@ -100,7 +116,9 @@ def patch_attention(source, *, site=None, query=0, variable="weights", layer=Non
         rows_of, cols_of = rows_of.isel(sample=sample_position or 0), cols_of.isel(sample=sample_position or 0)
     patch_rows, patch_cols = np.asarray(rows_of.values), np.asarray(cols_of.values)
     on_grid = (patch_rows >= 0) & (patch_cols >= 0)
-    shape = tuple(site_node.attrs.get("patch_grid") or (int(patch_rows.max()) + 1, int(patch_cols.max()) + 1))
+    stored_grid = site_node.attrs.get("patch_grid")  # a list from Zarr, a numpy array from HDF5
+    shape = (tuple(int(size) for size in stored_grid) if stored_grid is not None
+             else (int(patch_rows.max()) + 1, int(patch_cols.max()) + 1))
     patches = np.full(shape, np.nan)
     patches[patch_rows[on_grid], patch_cols[on_grid]] = np.asarray(chosen.values, dtype=np.float64)[row, on_grid]
     label = labels_of(site_node, "query", sample_position)[row]
@@ -110,7 +128,16 @@ def patch_attention(source, *, site=None, query=0, variable="weights", layer=Non
 
 def draw_patch_attention(data: PatchAttention, ax=None, *, overlay: bool = True, alpha: float = 0.5, cmap=OVERLAY_CMAP,
                          title: str | None = None, colorbar: bool = True):
-    """Draw prepared patch attention: the image in grey with the upsampled attention on top."""
+    """Draw prepared patch attention: the image in grey with the upsampled attention on top.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import patch_attention
+    >>> ax = draw_patch_attention(patch_attention(attnformat.example_path("image")), overlay=False)
+    >>> ax.images[0].get_array().shape
+    (4, 4)
+    """
     ax = axes_or_new(ax)
     colormap, norm = color_scale(data.patches, cmap=cmap)
     if overlay and data.image is not None:

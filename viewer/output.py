@@ -25,7 +25,14 @@ def _pyplot():
 
 
 def axes_or_new(ax=None, figsize=(6.4, 5.2)):
-    """``ax`` itself, or the Axes of a new figure."""
+    """``ax`` itself, or the Axes of a new figure.
+
+    Examples
+    --------
+    >>> ax = axes_or_new()
+    >>> axes_or_new(ax) is ax
+    True
+    """
     if ax is not None:
         return ax
     figure = _pyplot().figure(figsize=figsize)
@@ -36,6 +43,12 @@ def grid(count: int, *, ncols: int = 4, panel_size=(3.6, 3.2), figure=None):
     """A figure with ``count`` Axes in rows of ``ncols`` (no empty Axes left over).
 
     Returns ``(figure, list_of_axes)``.
+
+    Examples
+    --------
+    >>> figure, axes = grid(6, ncols=4)
+    >>> len(axes), axes[5].get_subplotspec().rowspan.start
+    (6, 1)
     """
     ncols = max(1, min(ncols, count))
     nrows = math.ceil(count / ncols)
@@ -46,8 +59,26 @@ def grid(count: int, *, ncols: int = 4, panel_size=(3.6, 3.2), figure=None):
 
 
 def figure_of(drawn):
-    """The Figure of an Axes, or the Figure itself."""
+    """The Figure of an Axes, or the Figure itself.
+
+    Examples
+    --------
+    >>> figure, axes = grid(1)
+    >>> figure_of(axes[0]) is figure_of(figure) is figure
+    True
+    """
     return drawn if isinstance(drawn, matplotlib.figure.Figure) else drawn.figure
+
+
+def close_figure(drawn) -> None:
+    """Release an Axes' or a Figure's figure (pyplot keeps every figure it made until closed).
+
+    Examples
+    --------
+    >>> figure, axes = grid(1)
+    >>> close_figure(axes[0])
+    """
+    _pyplot().close(figure_of(drawn))
 
 
 def save_figure(drawn, path: str | os.PathLike, *, dpi: int = 150, close: bool = True) -> Path:
@@ -70,5 +101,5 @@ def save_figure(drawn, path: str | os.PathLike, *, dpi: int = 150, close: bool =
     with matplotlib.rc_context(SAVE_RC):
         figure.savefig(path, format=suffix, dpi=dpi)
     if close:
-        _pyplot().close(figure)
+        close_figure(figure)
     return path

@@ -8,12 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.patches import Patch
 
 from attnformat.errors import SelectionError
 from attnformat.viewer.colors import BAR_COLOR, color_scale
 from attnformat.viewer.heatmaps import draw_map
 from attnformat.viewer.output import axes_or_new, grid
-from attnformat.viewer.selection import Selection, resolve_site, select, site_name
+from attnformat.viewer.selection import Selection, position, resolve_site, select, site_name
 
 #: Seed 002's neighbourhood: residues closer than 8 angstrom are "local".
 DEFAULT_THRESHOLD = 8.0
@@ -22,7 +23,15 @@ GLOBAL_COLOR = BAR_COLOR
 
 
 def pairwise_variable(site, name: str | None = None) -> str:
-    """Name of the pairwise auxiliary to plot against: ``name``, else the first with ``role="pairwise"``."""
+    """Name of the pairwise auxiliary to plot against: ``name``, else the first with ``role="pairwise"``.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import resolve_site
+    >>> pairwise_variable(resolve_site(attnformat.example_path("steps")))
+    'distance'
+    """
     pairwise = [n for n, v in site.data_vars.items() if v.attrs.get("role") == "pairwise"]
     if name is not None:
         if name not in pairwise:
@@ -203,7 +212,16 @@ def distance_profile(source, *, site=None, pairwise=None, variable="weights", bi
 
 
 def local_global_histogram(data: PairwiseData, ax=None):
-    """Histograms of local and global weights (seed 002's "local vs global distribution")."""
+    """Histograms of local and global weights (seed 002's "local vs global distribution").
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import pairwise_data
+    >>> ax = local_global_histogram(pairwise_data(attnformat.example_path("steps")))
+    >>> [text.get_text() for text in ax.get_legend().get_texts()]
+    ['local (< 8 angstrom)', 'global']
+    """
     ax = axes_or_new(ax)
     weights = np.asarray(data.weights.values, dtype=np.float64)
     valid = np.isfinite(weights) & np.isfinite(data.pairwise)
@@ -236,8 +254,10 @@ def distance_statistics(source, *, site=None, pairwise=None, bins: int = 10, thr
     panels = 3 if data.bias is not None else 2
     figure, axes = grid(panels, ncols=panels, panel_size=(4.6, 4.0))
     distance_profile(None, data=data, bins=bins, ax=axes[0])
+    axes[0].set_title(f"average attention vs {data.pairwise_name}", fontsize=9)  # the suptitle says the rest
     if data.bias is not None:
         distance_profile(None, data=data, variable="bias", bins=bins, ax=axes[1])
+        axes[1].set_title(f"bias vs {data.pairwise_name}", fontsize=9)
     local_global_histogram(data, ax=axes[-1])
     figure.suptitle(data.weights.title(), fontsize=10)
     return figure
@@ -300,8 +320,6 @@ def query_profiles(source, *, site=None, pairwise=None, queries=None, count: int
     >>> [ax.get_title() for ax in figure.axes[:2]]
     ['query R2', 'query R7']
     """
-    from attnformat.viewer.selection import position
-
     data = pairwise_data(source, site=site, pairwise=pairwise, threshold=threshold, layer=layer, head=head, sample=sample, step=step)
     site_node = resolve_site(source, site) if source is not None else None
     weights = np.asarray(data.weights.values, dtype=np.float64)
@@ -321,9 +339,14 @@ def query_profiles(source, *, site=None, pairwise=None, queries=None, count: int
         ax.set_title(f"query {data.weights.query_labels[row]}", fontsize=9)
         ax.set_xlabel(f"key (shaded: {data.pairwise_name} < {data.threshold_text()})")
         ax.set_ylabel(data.weights.normalization, fontsize=8)
+        handles = ax.get_legend_handles_labels()[0]
         if data.bias is not None:
             twin = ax.twinx()
             twin.plot(keys, data.bias[row], linestyle="--", color=BAR_COLOR, label="bias")
             twin.set_ylabel("bias", fontsize=8)
+            handles += twin.get_legend_handles_labels()[0]
+        if row == rows[0]:
+            handles.append(Patch(color=LOCAL_COLOR, alpha=0.3, label=f"neighbourhood (< {data.threshold_text()})"))
+            ax.legend(handles=handles, fontsize=7, loc="upper right")
     figure.suptitle(f"{data.weights.title()} | query profiles", fontsize=10)
     return figure

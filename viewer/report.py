@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 
+from tqdm.auto import tqdm
+
 from attnformat.errors import AttnFormatError
 from attnformat.reading import source_of
 from attnformat.viewer import catalog
-from attnformat.viewer.output import figure_of, save_figure
+from attnformat.viewer.output import close_figure, save_figure
 from attnformat.viewer.selection import labels_of, open_source, site_name, sites_of
 from attnformat.viewer.statistics import format_summary, statistics_summary, top_pairs
 
@@ -82,29 +84,34 @@ def _plan_site(plan: _Plan, tree, site) -> None:
     kinds = catalog.PLOT_KINDS
     applies = {kind: entry.applies(site) for kind, entry in kinds.items() if entry.scope == "site"}
     layers = _values(site, "layer")
-    weights_dims = site["weights"].dims if "weights" in site.data_vars else ()
-    signed = [v for v in ("logits", "bias") if v in site.data_vars]
-    step = site.coords["step"].values[-1].item() if "step" in weights_dims and "step" in site.coords else None
+    main = catalog.main_variable(site)
+    if main is None:
+        return
+    main_dims = site[main].dims
+    signed = [v for v in ("logits", "bias") if v in site.data_vars and v != main]
+    step = site.coords["step"].values[-1].item() if "step" in main_dims and "step" in site.coords else None
 
     def add(kind, caption, parts, **options):
         plan.add(name, caption, [name, kind, *parts], lambda: catalog.plot(tree, kind, site=name, **options))
 
     if applies["heatmap"]:
         for layer in layers:
-            add("heatmap", f"layer {layer}: weights, mean over heads", [f"layer{layer}"], layer=layer, step=step)
+            add("heatmap", f"layer {layer}: {main}, mean over heads", [f"layer{layer}"], layer=layer, step=step, variable=main)
             for variable in signed:
                 add("heatmap", f"layer {layer}: {variable}, mean over heads", [variable, f"layer{layer}"],
                     layer=layer, step=step, variable=variable)
         for sample in _values(site, "sample")[1:]:
-            add("heatmap", f"sample {sample}, layer {layers[0]}", [f"sample{sample}"], sample=sample, layer=layers[0])
+            add("heatmap", f"sample {sample}, layer {layers[0]}", [f"sample{sample}"], sample=sample, layer=layers[0],
+                variable=main)
     if applies["head-grid"]:
         for layer in layers:
-            add("head-grid", f"layer {layer}: every head", [f"layer{layer}"], layer=layer, step=step)
+            add("head-grid", f"layer {layer}: every head", [f"layer{layer}"], layer=layer, step=step, variable=main)
     if applies["step-comparison"]:
         for layer in layers:
-            add("step-comparison", f"layer {layer}: every training step, mean over heads", [f"layer{layer}"], layer=layer)
+            add("step-comparison", f"layer {layer}: every training step, mean over heads", [f"layer{layer}"], layer=layer,
+                variable=main)
     if applies["layer-comparison"] and len(layers) > 1:
-        add("layer-comparison", "every layer, mean over heads", [], step=step)
+        add("layer-comparison", "every layer, mean over heads", [], step=step, variable=main)
     if applies["group-map"]:
         variable = "logits" if "logits" in site.data_vars else "weights"
         for layer in layers:
@@ -116,7 +123,7 @@ def _plan_site(plan: _Plan, tree, site) -> None:
             add("group-bars", f"layer {layer}: last query group's {variable} per key group, per head",
                 [f"layer{layer}"], layer=layer, variable=variable)
     if applies["top-edges"]:
-        for time in _values(site, "time") if "time" in weights_dims else [None]:
+        for time in _values(site, "time") if "time" in main_dims else [None]:
             for layer in layers:
                 add("top-edges", f"layer {layer}, time {time}: top 20 edges" if time is not None else f"layer {layer}: top 20 edges",
                     [f"layer{layer}", f"time{time}" if time is not None else ""], layer=layer, time=time)
@@ -144,11 +151,11 @@ def _plan_site(plan: _Plan, tree, site) -> None:
             add("image-grid", f"layer {layer}: query {query_label}, every head", ["heads", f"layer{layer}"], layer=layer, over="head")
         add("image-grid", f"query {query_label}, every layer, mean over heads", ["layers"], over="layer")
     if applies["stats"]:
-        add("stats", "max, mean and entropy per map, by layer", [])
+        add("stats", "max, mean and entropy per map, by layer", [], variable=main)
     if applies["top-pairs"]:
         add("top-pairs", f"layer {layers[0]}: top 10 query -> key pairs, mean over heads", [f"layer{layers[0]}"],
-            layer=layers[0], step=step)
-    if applies["rollout"] and len(_values(site, "layer")) > 1:
+            layer=layers[0], step=step, variable=main)
+    if applies["rollout"] and len(layers) > 1:
         add("rollout", "attention rollout over every layer", [], step=step)
 
 
@@ -174,18 +181,15 @@ def plan_report(source) -> list[ReportItem]:
 
 
 def _render(item: ReportItem, out_dir: Path, dpi: int) -> None:
-    import matplotlib.pyplot as plt
-
     try:
         drawn = item.draw()
-    except AttnFormatError as error:
+    except AttnFormatError as error:  # noted in the report; the other plots still get drawn
         item.error = str(error)
         return
     try:
-        path = save_figure(drawn, out_dir / f"{item.stem}.png", dpi=dpi)
+        item.file = save_figure(drawn, out_dir / f"{item.stem}.png", dpi=dpi, close=False).name
     finally:
-        plt.close(figure_of(drawn))
-    item.file = path.name
+        close_figure(drawn)
 
 
 def _top_pairs_rows(tree) -> dict:
@@ -199,6 +203,42 @@ def _top_pairs_rows(tree) -> dict:
     return rows
 
 
+def findings(summary: dict) -> list[str]:
+    """Short observations per site from the statistics: the most focused and most spread heads,
+    the strongest sink, and the local/global ratio (seed 003's report lists such findings).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.viewer import statistics_summary
+    >>> findings(statistics_summary(attnformat.example_path("frames")))[0].startswith("blocks: most focused head")
+    True
+    """
+    lines = []
+    for site, entries in summary["sites"].items():
+        heads = [(entry["layer"], head) for entry in entries for head in entry.get("heads", [])]
+        measured = [(layer, head) for layer, head in heads if head["entropy"] is not None]
+        if measured:
+            focused = min(measured, key=lambda pair: pair[1]["entropy"])
+            spread = max(measured, key=lambda pair: pair[1]["entropy"])
+            lines.append(f"{site}: most focused head is layer {focused[0]} head {focused[1]['head']} "
+                         f"(entropy {focused[1]['entropy']:.3f}), most spread layer {spread[0]} head {spread[1]['head']} "
+                         f"(entropy {spread[1]['entropy']:.3f})")
+        sinks = [(layer, head) for layer, head in heads if head["sink_score"] is not None]
+        if sinks:
+            layer, head = max(sinks, key=lambda pair: pair[1]["sink_score"])
+            lines.append(f"{site}: strongest attention sink on the first key is layer {layer} head {head['head']} "
+                         f"(sink score {head['sink_score']:.3f})")
+        ratios = [entry["local_global_ratio"] for entry in entries if entry.get("local_global_ratio") is not None]
+        if ratios:
+            lines.append(f"{site}: local/global attention ratio per layer from {min(ratios):.2f} to {max(ratios):.2f}")
+    return lines
+
+
+def _markdown_cell(text: str) -> str:
+    return html.escape(str(text)).replace("|", "\\|")
+
+
 def _write_markdown(path: Path, source: str, tree, items, summary, pairs) -> None:
     escape = html.escape
     lines = [f"# Attention report: {escape(os.path.basename(source.rstrip('/')) or source)}", "",
@@ -209,10 +249,13 @@ def _write_markdown(path: Path, source: str, tree, items, summary, pairs) -> Non
     drawn = [i for i in items if i.file]
     lines += [f"- plots: {len(drawn)}" + (f" ({len(items) - len(drawn)} not drawn)" if len(drawn) < len(items) else ""), "",
               "## Statistics per site and layer", "", "```", format_summary(summary), "```", ""]
+    observed = findings(summary)
+    if observed:
+        lines += ["## Findings", ""] + [f"- {escape(line)}" for line in observed] + [""]
     for site, rows in pairs.items():
         lines += [f"## Top query -> key pairs: {escape(site)} (first layer, mean over heads)", "",
                   "| query | key | weight |", "|---|---|---|"]
-        lines += [f"| {escape(r['query_label'])} | {escape(r['key_label'])} | {r['value']:.4f} |" for r in rows]
+        lines += [f"| {_markdown_cell(r['query_label'])} | {_markdown_cell(r['key_label'])} | {r['value']:.4f} |" for r in rows]
         lines.append("")
     lines += ["## Plots", ""]
     for item in items:
@@ -277,8 +320,6 @@ def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI) -> 
     >>> report(attnformat.example_path("frames"), tempfile.mkdtemp(), progress=False).name
     'index.html'
     """
-    from tqdm.auto import tqdm
-
     tree = open_source(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,4 +336,4 @@ def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI) -> 
     return index
 
 
-__all__ = ["ReportItem", "plan_report", "report", "safe_file_name"]
+__all__ = ["ReportItem", "findings", "plan_report", "report", "safe_file_name"]

@@ -26,6 +26,8 @@ SELECTABLE_DIMS = ("step", "sample", "layer", "head", "time", "node")
 REDUCTIONS = ("mean", "max")
 #: Maps wider than this are block-pooled before drawing (a screen has no more pixels anyway).
 DISPLAY_SIZE = 1024
+#: Slices to reduce that are larger than this many elements are read one map at a time.
+_STREAM_ELEMENTS = 1 << 25
 _LISTED_VALUES = 20
 
 
@@ -78,7 +80,14 @@ def resolve_site(source, site: str | None = None) -> xr.DataTree:
 
 
 def site_name(site: xr.DataTree) -> str:
-    """A site's path without the leading slash, as messages and titles show it."""
+    """A site's path without the leading slash, as messages and titles show it.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> site_name(resolve_site(attnformat.example_path("steps")))
+    'trunk/iga'
+    """
     return site.path.strip("/")
 
 
@@ -228,6 +237,8 @@ class Selection:
         parts = [self.site, self.describe(skip=skip), self.normalization]
         if self.pooled > 1:
             parts.append(f"shown as {self.pooled}x{self.pooled} block {self.pool}")
+        if np.size(self.values) and np.isnan(np.asarray(self.values, dtype=np.float64)).all():
+            parts.append("not captured (all NaN)")  # an incomplete file: say so rather than show a blank map
         return " | ".join(p for p in parts if p)
 
 
@@ -291,23 +302,14 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
             described[dim] = f"{value} of {site_node.sizes[dim]}"
         else:
             fixed[dim] = position(site_node, dim, value, sample=fixed.get("sample"))
-            described[dim] = labels_of(site_node, dim, fixed.get("sample"))[fixed[dim]] if dim in ("node",) else (
-                str(site_node.coords[dim].values[fixed[dim]]) if dim in site_node.coords else str(fixed[dim]))
+            described[dim] = labels_of(site_node, dim, fixed.get("sample"))[fixed[dim]]
     described = {dim: described[dim] for dim in leading}
     subset = array.isel(fixed)
-    values = np.asarray(subset.values)
-    for how in REDUCTIONS:
-        axes = tuple(subset.dims.index(d) for d, h in reductions.items() if h == how)
-        if axes:
-            values = _reduce(values, axes, how)
-            subset = subset.isel({d: 0 for d, h in reductions.items() if h == how}, drop=True)
-    dims = tuple(d for d in subset.dims if d not in fixed)
+    values, dims = _read_reduced(subset, reductions)
     sample = fixed.get("sample")
     chosen = Selection(values=values, dims=dims, variable=variable, site=name, source=source_of(site_node),
                        attrs=dict(site_node.attrs), described=described, positions=fixed,
-                       kept={d: labels_of(site_node, d, sample) if d == "node" else
-                             [str(v) for v in (site_node.coords[d].values if d in site_node.coords else range(site_node.sizes[d]))]
-                             for d in keep if d in dims})
+                       kept={d: labels_of(site_node, d, sample) for d in keep if d in dims})
     if "edge" in dims and densify:
         _densify(chosen, site_node)
     elif "query" in dims:
@@ -320,12 +322,46 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
     return chosen
 
 
+def _read_reduced(subset: xr.DataArray, reductions: dict) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Read a lazy slice and apply the reductions; large slices are read one map at a time."""
+    reduced = [d for d in subset.dims if d in reductions]
+    dims = tuple(d for d in subset.dims if d not in reductions)
+    if not reduced or subset.size <= _STREAM_ELEMENTS or len({reductions[d] for d in reduced}) > 1:
+        values = np.asarray(subset.values)
+        for how in REDUCTIONS:
+            axes = tuple(subset.dims.index(d) for d in reduced if reductions[d] == how)
+            if axes:
+                values = _reduce(values, axes, how)
+                subset = subset.isel({d: 0 for d in reduced if reductions[d] == how}, drop=True)
+        return values, dims
+    # Averaging 12 heads of a 4096^2 map should not hold all 12 in memory: accumulate map by map.
+    total = count = peak = None
+    for index in np.ndindex(*(subset.sizes[d] for d in reduced)):
+        one = np.asarray(subset.isel(dict(zip(reduced, index))).values, dtype=np.float64)
+        finite = ~np.isnan(one)
+        total = np.where(finite, one, 0.0) + (0.0 if total is None else total)
+        count = finite.astype(np.int64) + (0 if count is None else count)
+        peak = one if peak is None else np.fmax(peak, one)
+    if reductions[reduced[0]] == "max":
+        return peak.astype(subset.dtype, copy=False), dims
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return mean.astype(np.float32 if subset.dtype == np.float32 else np.float64), dims
+
+
 def _node_dim(site: xr.DataTree) -> str:
     return site.attrs.get("edge_node_dim", "node")
 
 
 def node_labels(site: xr.DataTree) -> list[str]:
-    """Labels of the nodes an edge site's ``source``/``target`` index (``node`` or ``time`` steps)."""
+    """Labels of the nodes an edge site's ``source``/``target`` index (``node`` or ``time`` steps).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> node_labels(resolve_site(attnformat.example_path("edge-time"), "temporal"))
+    ['0', '1', '2', '3']
+    """
     node_dim = _node_dim(site)
     if node_dim in site.sizes:
         return labels_of(site, node_dim)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import xarray as xr
@@ -17,7 +18,7 @@ from attnformat.viewer.colors import BAR_COLOR
 from attnformat.viewer.output import axes_or_new, grid
 from attnformat.viewer.selection import SELECTABLE_DIMS, resolve_site, select, site_name, sites_of
 
-STATISTICS = ("mean", "std", "min", "max", "entropy", "sink_score", "local_global_ratio")
+STATISTICS = ("mean", "std", "min", "max", "entropy", "sink_score", "local_mean", "global_mean", "local_global_ratio")
 #: Without a pairwise distance, keys this many positions or fewer from the query count as local.
 LOCAL_WINDOW = 2
 DEFAULT_THRESHOLD = 8.0
@@ -27,8 +28,6 @@ _BLOCK_ELEMENTS = 1 << 24
 
 def _nan_stat(function, values, axis):
     with np.errstate(invalid="ignore", divide="ignore"):
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return function(values, axis=axis)
@@ -80,8 +79,10 @@ def _dense_stats(block: np.ndarray, local, normalized_axis: int) -> dict:
         global_mean = _nan_stat(np.nanmean, np.where(local, np.nan, block), axes)
         with np.errstate(invalid="ignore", divide="ignore"):
             stats["local_global_ratio"] = local_mean / global_mean
+        stats["local_mean"], stats["global_mean"] = local_mean, global_mean
     else:
-        stats["local_global_ratio"] = np.full(block.shape[:-2], np.nan)
+        for name in ("local_mean", "global_mean", "local_global_ratio"):
+            stats[name] = np.full(block.shape[:-2], np.nan)
     return stats
 
 
@@ -96,8 +97,8 @@ def _edge_stats(block: np.ndarray, target: np.ndarray) -> dict:
         terms = np.where(flat > 0, -flat * np.log(flat), 0.0)
     entropy = np.array([np.mean(np.bincount(target, weights=np.nan_to_num(row))[np.unique(target)]) for row in terms])
     stats["entropy"] = entropy.reshape(block.shape[:-1])
-    stats["sink_score"] = np.full(block.shape[:-1], np.nan)
-    stats["local_global_ratio"] = np.full(block.shape[:-1], np.nan)
+    for name in ("sink_score", "local_mean", "global_mean", "local_global_ratio"):
+        stats[name] = np.full(block.shape[:-1], np.nan)
     return stats
 
 
@@ -118,7 +119,11 @@ def attention_statistics(source, *, site=None, variable: str = "weights", thresh
     >>> stats["entropy"].dims, round(float(stats["max"].max()), 3) <= 1.0
     (('layer', 'head'), True)
     """
-    site_node = resolve_site(source, site)
+    return _statistics_and_moments(resolve_site(source, site), variable, threshold)[0]
+
+
+def _statistics_and_moments(site_node, variable: str, threshold: float):
+    """The per-map statistics and, from the same reads, exact per-layer sums for mean/std/min/max."""
     array = site_node[variable]
     leading = [d for d in array.dims if d in SELECTABLE_DIMS]
     edge = "edge" in array.dims
@@ -128,6 +133,7 @@ def attention_statistics(source, *, site=None, variable: str = "weights", thresh
     local = None if edge else _local_mask(site_node, array.sizes["query"], array.sizes["key"], threshold)
     normalized_axis = -2 if site_node.attrs.get("normalized_dim") == "query" else -1
     results = {name: np.full([array.sizes[d] for d in outer + inner], np.nan) for name in STATISTICS}
+    moments = {}
     for index in itertools.product(*(range(array.sizes[d]) for d in outer)):
         chosen = dict(zip(outer, index))
         block = np.asarray(array.isel(chosen).transpose(*inner, ...).values, dtype=np.float64)
@@ -138,11 +144,40 @@ def attention_statistics(source, *, site=None, variable: str = "weights", thresh
             stats = _dense_stats(block, local, normalized_axis)
         for name in STATISTICS:
             results[name][index] = stats[name]
+        _accumulate(moments.setdefault(chosen.get("layer"), [0, 0.0, 0.0, math.inf, -math.inf]), block)
     dims = tuple(outer + inner)
     coords = {d: site_node.coords[d].values for d in dims if d in site_node.coords}
     dataset = xr.Dataset({name: (dims, values) for name, values in results.items()}, coords=coords)
     dataset.attrs.update(site=site_name(site_node), variable=variable)
-    return dataset.transpose(*leading)
+    return dataset.transpose(*leading), moments
+
+
+def _averaged(stats: xr.Dataset, *, everything: bool = False) -> dict:
+    """Map statistics averaged over the remaining dimensions; the local/global ratio is the ratio
+    of the averaged means, so that one head with almost no global attention cannot dominate it."""
+    names = STATISTICS if everything else ("entropy", "sink_score", "local_mean", "global_mean")
+    averaged = {name: _json_number(_nan_stat(np.nanmean, stats[name].values, None)) for name in names}
+    local, far = averaged.get("local_mean"), averaged.get("global_mean")
+    averaged["local_global_ratio"] = _json_number(local / far) if local is not None and far else None
+    return averaged
+
+
+def _accumulate(moments: list, block: np.ndarray) -> None:
+    finite = block[np.isfinite(block)]
+    if finite.size:
+        moments[0] += finite.size
+        moments[1] += finite.sum()
+        moments[2] += np.square(finite).sum()
+        moments[3], moments[4] = min(moments[3], finite.min()), max(moments[4], finite.max())
+
+
+def _moment_values(moments: list | None) -> dict:
+    count, total, squares, low, high = moments or (0, 0.0, 0.0, math.inf, -math.inf)
+    if not count:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    mean = total / count
+    return {"mean": _json_number(mean), "std": _json_number(math.sqrt(max(squares / count - mean * mean, 0.0))),
+            "min": _json_number(low), "max": _json_number(high)}
 
 
 def _mask_padding(site, block, sample):
@@ -162,13 +197,16 @@ def _mask_padding(site, block, sample):
 
 
 def _json_number(value) -> float | None:
+    if value is None:
+        return None
     value = float(value)
     return round(value, 6) if math.isfinite(value) else None
 
 
 def statistics_summary(source, *, variable: str = "weights", threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Per site and layer: layer, type, mean, std, min, max, shape (seed 001's JSON), plus entropy,
-    sink score, local/global ratio, and the same per head.
+    sink score, local and global mean attention and their ratio (seed 002's printout), and the same
+    per head.
 
     Examples
     --------
@@ -185,49 +223,24 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
         if variable not in site_node.data_vars:
             continue
         array = site_node[variable]
-        stats = attention_statistics(site_node, variable=variable, threshold=threshold)
+        stats, moments = _statistics_and_moments(site_node, variable, threshold)
         kind = f"{site_node.attrs.get('attention_type', 'self')}_attention"
         layers = site_node.coords["layer"].values if "layer" in site_node.coords else [None]
         entries = []
         for layer_position, layer in enumerate(layers):
             layer_array = array.isel(layer=layer_position) if "layer" in array.dims else array
             layer_stats = stats.isel(layer=layer_position) if "layer" in stats.dims else stats
-            values = _layer_moments(layer_array, site_node)
+            values = _moment_values(moments.get(layer_position if "layer" in array.dims else None))
             entry = {"layer": None if layer is None else int(layer), "type": kind, **values,
                      "shape": [int(s) for s in layer_array.shape]}
-            for name in ("entropy", "sink_score", "local_global_ratio"):
-                entry[name] = _json_number(np.nanmean(layer_stats[name].values)) if np.isfinite(layer_stats[name].values).any() else None
+            entry.update(_averaged(layer_stats))
             if "head" in layer_stats.dims:
-                entry["heads"] = [
-                    {"head": int(head), **{name: _json_number(_nan_stat(np.nanmean, layer_stats[name].isel(head=i).values, None))
-                                           for name in STATISTICS}}
-                    for i, head in enumerate(layer_stats.coords["head"].values if "head" in layer_stats.coords else range(layer_stats.sizes["head"]))
-                ]
+                heads = layer_stats.coords["head"].values if "head" in layer_stats.coords else range(layer_stats.sizes["head"])
+                entry["heads"] = [{"head": int(head), **_averaged(layer_stats.isel(head=i), everything=True)}
+                                  for i, head in enumerate(heads)]
             entries.append(entry)
         summary["sites"][site_name(site_node)] = entries
     return summary
-
-
-def _layer_moments(layer_array: xr.DataArray, site_node) -> dict:
-    # Streaming sums over the layer's maps: exact mean/std/min/max without holding the layer.
-    leading = [d for d in layer_array.dims if d in SELECTABLE_DIMS]
-    count, total, squares, low, high = 0, 0.0, 0.0, math.inf, -math.inf
-    for index in itertools.product(*(range(layer_array.sizes[d]) for d in leading)):
-        chosen = dict(zip(leading, index))
-        block = np.asarray(layer_array.isel(chosen).values, dtype=np.float64)
-        if "query" in layer_array.dims:
-            block = _mask_padding(site_node, block, chosen.get("sample"))
-        finite = block[np.isfinite(block)]
-        if finite.size:
-            count += finite.size
-            total += finite.sum()
-            squares += np.square(finite).sum()
-            low, high = min(low, finite.min()), max(high, finite.max())
-    if not count:
-        return {"mean": None, "std": None, "min": None, "max": None}
-    mean = total / count
-    return {"mean": _json_number(mean), "std": _json_number(math.sqrt(max(squares / count - mean * mean, 0.0))),
-            "min": _json_number(low), "max": _json_number(high)}
 
 
 def format_summary(summary: dict) -> str:
@@ -278,8 +291,11 @@ def boxplot_data(stats: xr.Dataset, statistic: str) -> tuple[list[str], list[np.
     return names, groups
 
 
-def statistics_boxplots(source, *, site=None, statistics=("max", "mean", "entropy"), variable="weights"):
+def statistics_boxplots(source, *, site=None, statistics=None, variable="weights"):
     """Box plots per layer of per-map statistics across samples and heads (seed 003's statistics figure).
+
+    ``statistics`` defaults to max, mean and entropy for weights (entropy means nothing for
+    logits, which get max, mean and std).
 
     Returns
     -------
@@ -294,6 +310,7 @@ def statistics_boxplots(source, *, site=None, statistics=("max", "mean", "entrop
     ['max per map', 'mean per map', 'entropy per map']
     """
     stats = attention_statistics(resolve_site(source, site), variable=variable)
+    statistics = statistics or (("max", "mean", "entropy") if variable == "weights" else ("max", "mean", "std"))
     figure, axes = grid(len(statistics), ncols=len(statistics), panel_size=(4.2, 3.6))
     for ax, statistic in zip(axes, statistics):
         layers, groups = boxplot_data(stats, statistic)

@@ -97,3 +97,24 @@ def test_export_hf_encoder_decoder_with_targets(tmp_path, bart_dir, tokenizer):
 def test_export_hf_bad_model_dir_is_a_clear_error(tmp_path, capsys):
     assert main(["export", "hf", str(tmp_path), "--text", "hi", "-o", str(tmp_path / "x.attn.zarr")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_export_hf_decoder_only(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    folder = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "gpt2.attn.zarr"
+    assert main(["export", "hf", str(folder), "--text", "one two three", "--text", "four", "-o", str(out)]) == 0
+    assert_valid(out)
+    site = attnformat.open(out)["decoder/self"]
+    assert site.attrs["causal"] == 1
+    model = GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+    encoded = tokenizer(["one two three", "four"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], output_attentions=True).attentions
+    np.testing.assert_allclose(site["weights"].sel(layer=1).values, expected[1].numpy(), rtol=1e-6, atol=1e-7)

@@ -170,3 +170,24 @@ def test_unknown_layers_need_weights_and_missing_layers_are_clear(tmp_path):
         pyg.capture(AdditiveAttention(4), tmp_path / "x.attn.zarr", modules=AdditiveAttention)
     with pytest.raises(UnsupportedModelError, match="GATConv.*Recorder"):
         pyg.capture(torch.nn.Linear(2, 2), tmp_path / "y.attn.zarr")
+
+
+def test_a_layer_run_once_per_time_step_fills_a_time_dimension(tmp_path):
+    torch.manual_seed(4)
+    conv = GATConv(4, 2, heads=2).eval()
+    frames = torch.randn(3, NODES, 4)
+    with torch.no_grad():
+        expected = [conv(frame, EDGES, return_attention_weights=True)[1][1] for frame in frames]
+    path = tmp_path / "per-step.attn.zarr"
+    with torch.no_grad(), pyg.capture(conv, path, repeat_dim={"gat": "time"}):
+        for frame in frames:
+            conv(frame, EDGES)
+    assert_valid(path)
+    site = attnformat.open(path)["gat"]
+    assert site["weights"].dims == ("layer", "head", "time", "edge") and site["time"].values.tolist() == [0, 1, 2]
+    for step, alpha in enumerate(expected):
+        np.testing.assert_allclose(site["weights"].sel(layer=0, time=step).values, alpha.numpy().T, rtol=1e-6, atol=1e-7)
+    with pytest.raises(attnformat.AttnFormatError, match=r"ran twice.*repeat_dim"):
+        with pyg.capture(conv, tmp_path / "twice.attn.zarr"):
+            conv(frames[0], EDGES)
+            conv(frames[1], EDGES)

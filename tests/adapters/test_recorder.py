@@ -129,3 +129,67 @@ def test_failure_mid_capture_leaves_a_readable_incomplete_file(tmp_path):
     assert not attnformat.is_complete(tree)
     np.testing.assert_array_equal(read(path, "self", layer=0), weights)
     assert np.isnan(read(path, "self", layer=2)).all()
+
+
+def test_background_writes_land_in_order_and_errors_surface(tmp_path):
+    path = tmp_path / "background.attn.zarr"
+    maps = [softmax(_logits(layer, (3, 8, 8))).astype(np.float32) for layer in range(4)]
+    with Recorder(path, model_name="m", model_framework="numpy", background=True) as rec:
+        for step in (10, 20):
+            for layer, weights in enumerate(maps):
+                rec.log("self", step=step, layer=layer, weights=weights * 1.0)
+    assert_valid(path)
+    for layer, weights in enumerate(maps):
+        np.testing.assert_array_equal(read(path, "self", step=20, layer=layer), weights)
+    broken = tmp_path / "broken.attn.zarr"
+    with pytest.raises(attnformat.WriterError, match="steps must increase"):
+        with Recorder(broken, model_name="m", model_framework="numpy", background=True) as rec:
+            rec.log("self", step=5, layer=0, weights=maps[0])
+            rec.log("self", step=1, layer=0, weights=maps[0])  # steps must increase
+    assert attnformat.open(broken).attrs["completeness"] == "incomplete"
+    np.testing.assert_array_equal(read(broken, "self", step=5, layer=0), maps[0])  # the write in flight landed
+
+
+def test_importing_the_adapters_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, attnformat.adapters as a; a.Recorder; a.to_numpy; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_video_frame_attention_with_sink_scores_logged_from_a_custom_module(tmp_path):
+    """Seed 004's shape: a custom attention module logs its weights; tokens are grouped by frame."""
+    frames, per_frame, heads = 4, 3, 2
+    tokens = frames * per_frame
+
+    class FrameAttention(torch.nn.Module):
+        def __init__(self, recorder, layer):
+            super().__init__()
+            self.recorder, self.layer = recorder, layer
+            self.query, self.key = torch.nn.Linear(8, 8 * heads), torch.nn.Linear(8, 8 * heads)
+
+        def forward(self, x):
+            q = self.query(x).view(tokens, heads, 8).transpose(0, 1)
+            k = self.key(x).view(tokens, heads, 8).transpose(0, 1)
+            logits = q @ k.transpose(1, 2) / 8 ** 0.5
+            weights = logits.softmax(dim=-1)
+            self.recorder.log("blocks", layer=self.layer, weights=weights, logits=logits)
+            return weights
+
+    path = tmp_path / "video.attn.zarr"
+    torch.manual_seed(0)
+    x = torch.randn(tokens, 8)
+    with Recorder(path, model_name="toy-video", model_framework="torch") as rec:
+        rec.describe("blocks", groups=np.repeat(np.arange(frames), per_frame), attrs={"group_kind": "frame"})
+        blocks = [FrameAttention(rec, layer) for layer in (0, 1)]
+        returned = [block(x) for block in blocks]
+        sink = torch.stack(returned).mean(dim=(0, 1, 2))  # mean weight each key receives
+        rec.add_variable("blocks", "sink_score", sink, ("key",), attrs={"role": "per_key", "long_name": "mean attention received"})
+    assert_valid(path)
+    site = attnformat.open(path)["blocks"]
+    for layer, weights in enumerate(returned):
+        np.testing.assert_array_equal(site["weights"].sel(layer=layer).values, weights.detach().numpy())
+    np.testing.assert_allclose(site["sink_score"].values, sink.detach().numpy())
+    assert site["query_group"].values.tolist() == np.repeat(np.arange(frames), per_frame).tolist()

@@ -237,3 +237,32 @@ def test_a_module_called_twice_is_a_clear_error(tmp_path):
 def test_unsupported_model_points_to_the_recorder(tmp_path):
     with pytest.raises(UnsupportedModelError, match="nn.MultiheadAttention.*Recorder"):
         torch_adapter.capture(nn.Linear(2, 2), tmp_path / "x.attn.zarr")
+
+
+def test_weights_the_caller_asked_for_are_stored_as_returned(tmp_path):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True).eval()
+    query, memory = torch.randn(2, 3, D_MODEL), torch.randn(2, 5, D_MODEL)
+    path = tmp_path / "returned.attn.zarr"
+    with torch.no_grad(), torch_adapter.capture(attention, path):
+        output, weights = attention(query, memory, memory, average_attn_weights=False)
+    assert weights.shape == (2, HEADS, 3, 5)
+    np.testing.assert_array_equal(read(path, "attention", layer=0), weights.numpy())
+    assert attnformat.open(path)["attention"].attrs["attention_type"] == "cross"
+
+
+def test_encoder_layer_fast_path_without_padding(tmp_path, encoder):
+    encoder.eval()
+    x = torch.randn(2, 5, D_MODEL)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _, expected = _ground_truth(encoder, lambda: encoder(x))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    with torch.no_grad():
+        fast = encoder(x)  # eval, no grad, batch_first: every layer runs the fused kernel
+        with torch_adapter.capture(encoder, tmp_path / "fast.attn.zarr"):
+            captured = encoder(x)
+    assert torch.equal(fast, captured)
+    for layer in range(3):  # weights recomputed from each layer's real (fast-path) input: equal up to the kernels' rounding
+        np.testing.assert_allclose(read(tmp_path / "fast.attn.zarr", "self_attn", layer=layer), expected[f"layers.{layer}.self_attn"], atol=2e-6)

@@ -141,3 +141,33 @@ def test_bitround_in_the_writer_is_declared(tmp_path):
     assert stored.attrs["lossy_keepbits"] == 6
     assert np.max(np.abs(stored.values - values) / values) <= 2.0**-7
     assert attnformat.validate(path).ok
+
+
+def test_leading_dimensions_declared_empty_grow_as_labels_arrive(tmp_path):
+    path = tmp_path / "grow.zarr"
+    with attnformat.Writer(path, model_name="toy", model_framework="numpy") as writer:
+        site = writer.create_site("self", sizes={"layer": 0, "head": 2, "query": 2, "key": 2}, attrs={"attention_type": "self", "causal": 0})
+        for layer in (4, 2, 7):
+            site.write("weights", np.full((2, 2, 2), 0.5) * [[[1]], [[1]]], layer=layer)
+        with pytest.raises(attnformat.WriterError, match="layer=2 exists already"):
+            site.append_label("layer", 2)
+        with pytest.raises(attnformat.WriterError, match="head=5 is not declared"):
+            site.write("weights", np.full((2, 2), 0.5), layer=4, head=5)
+    weights = attnformat.open(path)["self"]["weights"]
+    assert weights.layer.values.tolist() == [4, 2, 7]
+    assert weights.shape == (3, 2, 2, 2) and not np.isnan(weights.values).any()
+
+
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_write_behind_gives_the_same_file(tmp_path, write_behind):
+    rng = np.random.default_rng(3)
+    weights = softmax(rng.normal(size=(4, 3, 8, 8))).astype(np.float32)
+    path = tmp_path / f"behind-{write_behind}.zarr"
+    with attnformat.Writer(path, write_behind=write_behind, model_name="toy", model_framework="numpy") as writer:
+        site = writer.create_site("self", sizes={"step": 0, "layer": 4, "head": 3, "query": 8, "key": 8}, attrs={"attention_type": "self", "causal": 0})
+        for step in (1, 2):
+            for layer in range(4):
+                site.write("weights", weights[layer] * 1.0, layer=layer, step=step)
+    stored = attnformat.open(path)["self"]["weights"]
+    np.testing.assert_array_equal(stored.sel(step=2).values, weights)
+    np.testing.assert_array_equal(stored.sel(step=1).values, weights)

@@ -53,6 +53,7 @@ def test_overview_panels_follow_seed_002(example):
     site = tree["trunk/iga"]
     figure = pairwise_overview(tree, step=200, layer=1, head=1)
     selected = {name: site[name].sel(step=200, layer=1, head=1).values for name in ("logits", "bias", "weights")}
+    assert len(figure.axes) == 6 + 6  # 2x3 panels, each with its colorbar
     maps = figure.axes[:5]
     np.testing.assert_allclose(drawn(maps[0]), selected["logits"] - selected["bias"], rtol=1e-6)
     np.testing.assert_array_equal(drawn(maps[1]), selected["bias"])
@@ -130,3 +131,49 @@ def test_image_grids_per_head_and_per_layer(example):
     by_layer = image_attention_grid(tree, over="layer", query="patch (1,1)")
     mean_row = site["weights"].sel(layer=1).values.mean(axis=0)[6, 1:]  # CLS, then patches row-major
     np.testing.assert_allclose(drawn(by_layer.axes[1]).ravel(), mean_row, rtol=1e-6)
+
+
+def test_overlay_picks_the_sample_image_and_handles_colour(tmp_path):
+    import xarray as xr
+
+    from attnformat.examples import _root, softmax
+
+    rng = np.random.default_rng(3)
+    tokens = 1 + 2 * 2
+    weights = softmax(rng.normal(size=(2, 1, 1, tokens, tokens))).astype(np.float32)
+    images = rng.random((2, 8, 8, 3)).astype(np.float32) * 255
+    rows = np.array([-1, 0, 0, 1, 1])
+    cols = np.array([-1, 0, 1, 0, 1])
+    site = xr.Dataset(
+        {"weights": (("sample", "layer", "head", "query", "key"), weights),
+         "image": (("sample", "image_row", "image_col", "channel"), images, {"role": "image"})},
+        coords={"layer": [0], "head": [0], "query_patch_row": ("query", rows), "query_patch_col": ("query", cols),
+                "key_patch_row": ("key", rows), "key_patch_col": ("key", cols)},
+        attrs={"layout": "dense", "normalization": "softmax", "normalized_dim": "key", "attention_type": "self",
+               "causal": 0, "patch_grid": [2, 2]})
+    path = attnformat.save(xr.DataTree.from_dict({"/": _root("rgb"), "/vit": site}), tmp_path / "rgb.zarr")
+    ax = image_overlay(path, sample=1, head=0)
+    shown = np.asarray(ax.images[0].get_array())
+    expected = (images[1] - images[1].min()) / (images[1].max() - images[1].min())
+    np.testing.assert_allclose(shown, expected, rtol=1e-5)
+    overlay = np.ma.filled(ax.images[1].get_array(), np.nan)
+    np.testing.assert_allclose(overlay[::4, ::4], weights[1, 0, 0, 0, 1:].reshape(2, 2), rtol=1e-6)
+    assert "sample 1" in ax.get_title()
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr.zip"])
+def test_every_storage_draws_the_same(example, tmp_path, suffix):
+    from attnformat.viewer import heatmap
+
+    copy = tmp_path / f"frames{suffix}"
+    attnformat.convert(example("frames"), copy)
+    ax = heatmap(copy, variable="logits", layer=3, head=2)
+    np.testing.assert_array_equal(drawn(ax), attnformat.open(example("frames"))["blocks"]["logits"].sel(layer=3, head=2).values)
+
+
+def test_image_overlay_from_hdf5_where_attributes_are_arrays(example, tmp_path):
+    copy = tmp_path / "image.h5"
+    attnformat.convert(example("image"), copy)
+    ax = image_overlay(copy, layer=1, head=0)
+    cls_row = attnformat.open(example("image"))["encoder/self"]["weights"].sel(layer=1, head=0).values[0, 1:]
+    np.testing.assert_allclose(np.ma.filled(ax.images[1].get_array(), np.nan)[::7, ::7], cls_row.reshape(4, 4), rtol=1e-6)

@@ -35,7 +35,8 @@ def test_frame_by_frame_logits_grid_like_seed_004(example):
     for head, ax in enumerate(figure.axes[:4]):
         np.testing.assert_allclose(drawn(ax), expected[head], rtol=1e-5)
         assert ax.images[0].origin == "lower"
-        assert (ax.get_xlabel(), ax.get_ylabel()) == ("key frame", "query frame")
+        # one row of 4: every panel is on the bottom edge, only the first on the left edge
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("key frame", "query frame" if head == 0 else "")
     norm = figure.axes[0].images[0].norm
     assert norm.vmin == -norm.vmax == pytest.approx(-np.abs(expected).max(), rel=1e-5)
     assert figure.axes[0].images[0].cmap.name.startswith("RdBu_r")
@@ -61,6 +62,7 @@ def test_step_comparison_of_training_snapshots(example):
 def test_encoder_decoder_flow_like_seed_001(example):
     tree = attnformat.open(example("encoder-decoder"))
     figure = attention_flow(tree, layer=1, head=0)
+    assert len(figure.axes) == 3 + 3  # three maps, each with its colorbar
     maps = figure.axes[:3]
     assert [ax.get_title().split(" | ")[0] for ax in maps] == ["encoder/self", "decoder/self", "decoder/cross"]
     for ax, site in zip(maps, ("encoder/self", "decoder/self", "decoder/cross")):

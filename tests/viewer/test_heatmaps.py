@@ -68,6 +68,7 @@ def test_diverging_logits_never_crash_and_stay_centred(case):
     assert low == pytest.approx(-high)
     shown = drawn(ax)
     assert np.isnan(shown[~np.isfinite(logits[0, 0])]).all()  # NaN and inf drawn as missing
+    assert ax.get_title().endswith("not captured (all NaN)") == (case == "all-nan")
     ax.figure.canvas.draw()  # and the figure really renders
 
 
@@ -106,3 +107,13 @@ def test_edges_densified_for_a_temporal_node(example):
     np.testing.assert_array_equal(drawn(ax), expected)
     assert ax.get_title() == "temporal | sample 0 | layer 0 | node 3 | weights (softmax)"
     assert ax.get_ylabel() == "target time (query)"
+
+
+def test_accepts_a_site_group_and_draws_on_a_given_axes(example):
+    import matplotlib.pyplot as plt
+
+    tree = attnformat.open(example("encoder-decoder"))
+    figure, (left, right) = plt.subplots(1, 2)
+    assert heatmap(tree["decoder/cross"], layer=1, head=0, ax=right) is right
+    np.testing.assert_array_equal(drawn(right), tree["decoder/cross"]["weights"].sel(layer=1, head=0).values)
+    assert not left.images and right.get_title().startswith("decoder/cross | layer 1 | head 0")

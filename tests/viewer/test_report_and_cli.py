@@ -22,7 +22,7 @@ def _hostile_image_file(tmp_path: Path) -> Path:
     tree = attnformat.examples.build("image")
     site = tree["encoder/self"].to_dataset()
     labels = site["query_label"].values.copy()
-    labels[0], labels[1], labels[2] = "../x", "<s>", "a\"b<script>"
+    labels[0], labels[1], labels[2], labels[3] = "../x", "<s>", "a\"b<script>", "a | b"
     site = site.assign_coords(query_label=("query", labels), key_label=("key", labels))
     tree["encoder/self"] = site
     path = tmp_path / "input" / "hostile.zarr"
@@ -43,6 +43,7 @@ def test_report_renders_everything_and_links_every_image(example, tmp_path):
     assert {"flow-layer0.png", "decoder_cross-heatmap-layer0.png", "encoder_self-head-grid-layer1.png"} <= set(pngs)
     summary = (out / "summary.md").read_text()
     assert "## Statistics per site and layer" in summary and "cross_attention" in summary
+    assert "## Findings" in summary and "encoder/self: most focused head is layer" in summary
     assert json.loads((out / "stats.json").read_text())["sites"]["decoder/cross"][0]["type"] == "cross_attention"
 
 
@@ -65,6 +66,13 @@ def test_hostile_labels_stay_inside_the_directory_and_are_escaped(tmp_path):
     assert "&lt;s&gt;" in page or "../x" in page
     for source in re.findall(r'src="([^"]+)"', page):
         assert (out / source).is_file() and "/" not in source
+    summary = (out / "summary.md").read_text()
+    assert "<s>" not in summary and "<script>" not in summary
+    table = [line for line in summary.splitlines() if line.startswith("| ") and "weight" not in line]
+    assert table and all(line.count(" | ") == 2 for line in table)  # labels cannot add table columns
+    from attnformat.viewer.report import _markdown_cell
+
+    assert _markdown_cell("a | <b>") == "a \\| &lt;b&gt;"
     assert safe_file_name("../../etc/passwd") == "etc_passwd"
     assert safe_file_name("...") == "plot"
 
@@ -190,3 +198,24 @@ def test_viewer_works_with_torch_unimportable(tmp_path):
     assert result.stdout.strip() == f"ok {len(__import__('attnformat.viewer', fromlist=['PLOT_KINDS']).PLOT_KINDS)}"
     assert (tmp_path / "report" / "index.html").is_file()
     assert np.any([p.suffix == ".png" for p in tmp_path.iterdir()])
+
+
+def test_missing_or_unreadable_input_exits_2(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not attention")
+    for path in (tmp_path / "missing.zarr", tmp_path / "notes.txt"):
+        for command in (["plot", str(path), "heatmap", "-o", str(tmp_path / "x.png")], ["report", str(path), "-o", str(tmp_path / "r")]):
+            assert main(command) == 2
+            error = capsys.readouterr().err
+            assert str(path) in error and "Traceback" not in error
+
+
+def test_report_of_a_logits_only_file(tmp_path):
+    from conftest import dense_tree
+
+    logits = np.random.default_rng(5).normal(size=(2, 3, 5, 5)) - 2.0  # all-negative-ish scores, no weights
+    path = attnformat.save(dense_tree(logits, with_weights=False, labels=list("abcde")), tmp_path / "scores.zarr")
+    index = report(path, tmp_path / "out", progress=False)
+    names = {p.name for p in index.parent.glob("*.png")}
+    assert {"encoder_self-heatmap-layer0.png", "encoder_self-head-grid-layer1.png", "encoder_self-layer-comparison.png",
+            "encoder_self-stats.png", "encoder_self-top-pairs-layer0.png"} <= names
+    assert "Not drawn" not in index.read_text()

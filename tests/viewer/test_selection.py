@@ -30,6 +30,17 @@ def test_head_defaults_to_mean_and_max_reduces(example):
     assert both.describe() == "layer mean of 2 | head mean of 3"
 
 
+def test_large_slices_are_reduced_map_by_map_with_the_same_result(example, monkeypatch):
+    from attnformat.viewer import selection
+
+    tree = attnformat.open(example("steps"))
+    in_memory = [select(tree, step="mean", layer=1).values, select(tree, head="max", layer="max").values]
+    monkeypatch.setattr(selection, "_STREAM_ELEMENTS", 1)
+    streamed = [select(tree, step="mean", layer=1).values, select(tree, head="max", layer="max").values]
+    np.testing.assert_allclose(streamed[0], in_memory[0], rtol=1e-6)
+    np.testing.assert_array_equal(streamed[1], in_memory[1])
+
+
 def test_layer_selector_matches_coordinate_values_not_positions(example):
     tree = attnformat.open(example("frames"))
     chosen = select(tree, layer=3, head=1)

@@ -121,3 +121,16 @@ def test_rollout_averages_heads_adds_identity_renormalises_multiplies(example):
     np.testing.assert_allclose(drawn(rollout_map(tree)), expected, rtol=1e-6)
     np.testing.assert_allclose(rollout_matrices(weights.mean(axis=1), residual=False),
                                weights[1].mean(axis=0) @ weights[0].mean(axis=0), rtol=1e-6)
+
+
+def test_layer_ratio_is_the_ratio_of_local_and_global_means(example):
+    tree = attnformat.open(example("steps"))
+    weights = tree["trunk/iga"]["weights"].sel(layer=1).values.astype(np.float64)  # (step, head, query, key)
+    local = tree["trunk/iga"]["distance"].values < 8.0
+    entry = statistics_summary(tree)["sites"]["trunk/iga"][1]
+    local_mean, global_mean = weights[..., local].mean(), weights[..., ~local].mean()
+    assert entry["local_mean"] == pytest.approx(local_mean, abs=1e-6)
+    assert entry["global_mean"] == pytest.approx(global_mean, abs=1e-6)
+    assert entry["local_global_ratio"] == pytest.approx(local_mean / global_mean, rel=1e-4)
+    head = entry["heads"][0]
+    assert head["local_global_ratio"] == pytest.approx(weights[:, 0][..., local].mean() / weights[:, 0][..., ~local].mean(), rel=1e-4)
