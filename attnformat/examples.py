@@ -9,6 +9,7 @@ random generator, so every build is identical.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -267,5 +268,15 @@ def example_path(name: str) -> Path:
     path = cache / f"{name}.zarr"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        save(build(name), path, overwrite=True)
+        # Written under a private name and renamed into place: processes racing to make the same
+        # example each write their own copy, and the first rename wins.
+        staged = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-")) / f"{name}.zarr"
+        save(build(name), staged)
+        try:
+            os.rename(staged, path)
+        except OSError:
+            if not path.exists():
+                raise
+        finally:
+            shutil.rmtree(staged.parent, ignore_errors=True)
     return path

@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from attnformat.conventions import LABEL_COORDS, MASK_COORDS, is_site
-from attnformat.errors import AttnFormatError, NonConformingError, SelectionError
+from attnformat.errors import AttnFormatError, NonConformingError, SelectionError, UnreadableFileError
 from attnformat.reading import get_site, open as open_tree, site_paths, source_of
 from attnformat.validation import validate
 
@@ -54,10 +54,15 @@ def open_source(source) -> xr.DataTree:
     if isinstance(source, xr.DataTree):
         return source
     if isinstance(source, (str, os.PathLike)):
-        report = validate(source, check_values=False)
+        try:
+            tree = open_tree(source)
+        except UnreadableFileError:  # a missing path raises again below; a broken store gets a report
+            tree = None
+        # Validating the opened tree (not the path) opens the file once instead of twice.
+        report = validate(source if tree is None else tree, check_values=False)
         if not report.ok:
             raise NonConformingError(report.format(), report)
-        return open_tree(source)
+        return tree
     raise TypeError(f"expected a path or an xarray.DataTree, not {type(source).__name__}")
 
 

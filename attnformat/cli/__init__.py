@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("attnformat: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``attnformat info x | head``): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as error:  # a bug or a damage nobody foresaw: still no traceback for users
         if os.environ.get("ATTNFORMAT_DEBUG"):
             raise

@@ -239,13 +239,16 @@ def _build_tree(root: zarr.Group, where: str, directory: Path | None = None) -> 
             groups.setdefault(parent_key, {"attrs": {}, "arrays": {}})["arrays"][leaf] = node
     if needs_cf_decoding:
         return None
-    datasets = {}
-    for group_path, content in groups.items():
-        datasets[group_path] = _build_dataset(content["attrs"], content["arrays"], f"{where}:{group_path}", directory)
+    layouts = {path: _group_layout(content["attrs"], content["arrays"], f"{where}:{path}") for path, content in groups.items()}
+    eager = {array.path: array for layout in layouts.values() for array in layout["eager"]}
+    loaded = _read_eagerly(eager, directory)  # every group's small coordinates in one round trip
+    datasets = {path: _build_dataset(layout, loaded, directory) for path, layout in layouts.items()}
     return xr.DataTree.from_dict(datasets)
 
 
-def _build_dataset(group_attrs: dict, arrays: dict[str, zarr.Array], where: str, directory: Path | None) -> xr.Dataset:
+def _group_layout(group_attrs: dict, arrays: dict[str, zarr.Array], where: str) -> dict:
+    """Dimensions, attributes and coordinate names of one group's arrays, read from metadata."""
+    group_attrs = dict(group_attrs)
     coord_names = set(str(group_attrs.pop("coordinates", "")).split())
     dims_of = {name: _dimension_names(array, f"{where}/{name}") for name, array in arrays.items()}
     attrs_of = {}
@@ -257,27 +260,36 @@ def _build_dataset(group_attrs: dict, arrays: dict[str, zarr.Array], where: str,
         attrs_of[name] = attrs
     coord_names.update(name for name, dims in dims_of.items() if dims == (name,))
     _check_dimension_sizes(arrays, dims_of, where)
-    eager = [name for name in arrays if name in coord_names and arrays[name].size <= _EAGER_COORD_ELEMENTS]
-    loaded = _read_eagerly({name: arrays[name] for name in eager}, directory)
+    eager = [array for name, array in arrays.items() if name in coord_names and array.size <= _EAGER_COORD_ELEMENTS]
+    return {"attrs": group_attrs, "arrays": arrays, "dims": dims_of, "var_attrs": attrs_of, "coords": coord_names, "eager": eager}
+
+
+def _build_dataset(layout: dict, loaded: dict[str, np.ndarray], directory: Path | None) -> xr.Dataset:
     coords, data_vars = {}, {}
-    for name, array in arrays.items():
-        is_coord = name in coord_names
-        if name in loaded:
-            data = loaded[name]
+    for name, array in layout["arrays"].items():
+        if array.path in loaded:
+            data = loaded[array.path]
         else:
             data = indexing.LazilyIndexedArray(_LazyZarrArray(array, directory))
-        variable = xr.Variable(dims_of[name], data, attrs_of[name])
-        (coords if is_coord else data_vars)[name] = variable
-    return xr.Dataset(data_vars, coords, attrs=group_attrs)
+        variable = xr.Variable(layout["dims"][name], data, layout["var_attrs"][name])
+        (coords if name in layout["coords"] else data_vars)[name] = variable
+    return xr.Dataset(data_vars, coords, attrs=layout["attrs"])
 
 
 def _read_eagerly(arrays: dict[str, zarr.Array], directory: Path | None) -> dict[str, np.ndarray]:
-    """Read small coordinates all at once, in one zarr round trip for a local directory (one read
-    each for zip archives and URLs)."""
-    if directory is None or not arrays:
-        return {name: _as_object_strings(np.asarray(array[...])) for name, array in arrays.items()}
-    by_path = read_strings(directory, [array.path for array in arrays.values()])
-    return {name: by_path[array.path] for name, array in arrays.items()}
+    """Read small coordinates (keyed by their path in the store) all at once, in one zarr round trip."""
+    if not arrays:
+        return {}
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def read_all():
+        # The arrays are already open (from consolidated metadata when there is some); reading
+        # them through their async side gathers every read into one trip to zarr's event loop.
+        return await asyncio.gather(*(array._async_array.getitem(...) for array in arrays.values()))
+
+    return {key: _as_object_strings(np.asarray(values)) for key, values in zip(arrays, sync(read_all()))}
 
 
 def _check_dimension_sizes(arrays: dict, dims_of: dict, where: str) -> None:

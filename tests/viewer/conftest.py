@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,25 +12,7 @@ import pytest  # noqa: E402
 import xarray as xr  # noqa: E402
 
 import attnformat  # noqa: E402
-from attnformat.examples import EXAMPLES, _root, softmax  # noqa: E402
-
-
-def _write_examples_once() -> None:
-    # attnformat.example_path writes a missing example in place; two pytest-xdist workers doing
-    # that at once on a fresh machine collide (one replaces the directory the other is writing).
-    # Writing them all under a lock at collection time means every worker later finds them.
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no workers to race with the usual setup
-        return
-    lock_path = Path(tempfile.gettempdir()) / f"attnformat-examples-{os.getuid()}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for name in EXAMPLES:
-            attnformat.example_path(name)
-
-
-_write_examples_once()
+from attnformat.examples import _root, softmax  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
