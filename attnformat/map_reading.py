@@ -71,10 +71,16 @@ def _check_selection(path, site_path, data: xr.DataArray, selection: dict) -> No
 
 
 def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
-    """Node path -> {"kind", "dims", "attrs", "dtype", "format"}, or None when not consolidated."""
+    """Node path -> {"kind", "dims", "attrs", "dtype", "format"}, or None when not consolidated
+    (or when the metadata names a pickle codec: the general path refuses such stores)."""
+    from attnformat.engines.zarr import mentions_pickle_codec
+
     root = path / "zarr.json"
     if root.exists():
-        document = json.loads(root.read_text())
+        text = root.read_text()
+        if mentions_pickle_codec(text):
+            return None
+        document = json.loads(text)
         consolidated = (document.get("consolidated_metadata") or {}).get("metadata")
         if consolidated is None:
             return None
@@ -87,7 +93,10 @@ def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
         return nodes
     v2 = path / ".zmetadata"
     if v2.exists():
-        entries = json.loads(v2.read_text()).get("metadata", {})
+        text = v2.read_text()
+        if mentions_pickle_codec(text):
+            return None
+        entries = json.loads(text).get("metadata", {})
         nodes: dict[str, dict] = {}
         for key, meta in entries.items():
             name, _, kind = key.rpartition("/")
@@ -112,12 +121,12 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
         import tensorstore  # noqa: F401 - only asking whether it is there
     except ImportError:
         return None
-    from attnformat.engines.zarr import open_tensorstore, read_strings, uses_pickle
+    from attnformat.engines.zarr import open_tensorstore, read_strings
 
     if not path.is_dir() or engine_name_for_path(path) != "zarr":
         return None
     nodes = _consolidated_metadata(path)
-    if nodes is None or uses_pickle(nodes):
+    if nodes is None:
         return None  # the general path explains what is wrong
     sites = sorted(name for name, node in nodes.items() if node["kind"] == "group" and is_site(node["attrs"]))
     if site is None:

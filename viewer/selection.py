@@ -396,16 +396,30 @@ def _densify(chosen: Selection, site: xr.DataTree) -> None:
     chosen.query_index = chosen.key_index = np.arange(len(labels))
 
 
+def real_tokens(site: xr.DataTree, dim: str, sample: int | None) -> np.ndarray | None:
+    """Which tokens along ``query`` or ``key`` are real (not padding), or None when all are.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> site = attnformat.open(attnformat.example_path("padded-batch"))["encoder/self"]
+    >>> real_tokens(site, "key", 1).tolist(), real_tokens(site, "key", 0)
+    ([True, True, True, False, False], None)
+    """
+    name = MASK_COORDS[dim]
+    if name not in site.coords:
+        return None
+    mask = site.coords[name]
+    if "sample" in mask.dims:
+        mask = mask.isel(sample=sample or 0)
+    keep = np.asarray(mask.values, dtype=bool)
+    return None if keep.all() else keep
+
+
 def _drop_padding(chosen: Selection, site: xr.DataTree, sample: int | None) -> None:
     for dim, axis in (("query", -2), ("key", -1)):
-        name = MASK_COORDS[dim]
-        if name not in site.coords:
-            continue
-        mask = site.coords[name]
-        if "sample" in mask.dims:
-            mask = mask.isel(sample=sample or 0)
-        keep = np.asarray(mask.values, dtype=bool)
-        if keep.all():
+        keep = real_tokens(site, dim, sample)
+        if keep is None:
             continue
         chosen.values = np.compress(keep, chosen.values, axis=axis)
         if dim == "query":

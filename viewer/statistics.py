@@ -13,10 +13,9 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from attnformat.conventions import MASK_COORDS
 from attnformat.viewer.colors import BAR_COLOR
 from attnformat.viewer.output import axes_or_new, grid
-from attnformat.viewer.selection import SELECTABLE_DIMS, resolve_site, select, site_name, sites_of
+from attnformat.viewer.selection import SELECTABLE_DIMS, real_tokens, resolve_site, select, site_name, sites_of
 
 STATISTICS = ("mean", "std", "min", "max", "entropy", "sink_score", "local_mean", "global_mean", "local_global_ratio")
 #: Without a pairwise distance, keys this many positions or fewer from the query count as local.
@@ -182,14 +181,8 @@ def _moment_values(moments: list | None) -> dict:
 
 def _mask_padding(site, block, sample):
     for dim, axis in (("query", -2), ("key", -1)):
-        name = MASK_COORDS[dim]
-        if name not in site.coords:
-            continue
-        mask = site.coords[name]
-        if "sample" in mask.dims:
-            mask = mask.isel(sample=sample or 0)
-        keep = np.asarray(mask.values, dtype=bool)
-        if not keep.all():
+        keep = real_tokens(site, dim, sample)
+        if keep is not None:
             shape = [1] * block.ndim
             shape[axis] = keep.size
             block = np.where(keep.reshape(shape), block, np.nan)

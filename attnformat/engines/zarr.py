@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -146,6 +147,21 @@ def uses_pickle(metadata: dict) -> bool:
 _METADATA_NAMES = ("zarr.json", ".zarray", ".zmetadata")
 
 
+# Cheap first look at raw metadata text; only a match is parsed and walked.
+_PICKLE_CODEC = re.compile(r'"(?:id|name)"\s*:\s*"[^"]*pickle', re.IGNORECASE)
+
+
+def mentions_pickle_codec(text: str) -> bool:
+    """True if raw metadata text may name a pickle codec (confirm with :func:`uses_pickle`).
+
+    Examples
+    --------
+    >>> mentions_pickle_codec('{"filters": [{"id": "pickle"}]}'), mentions_pickle_codec('{"note": "no pickle"}')
+    (True, False)
+    """
+    return bool(_PICKLE_CODEC.search(text))
+
+
 def refuse_pickle(documents, where: str) -> None:
     """Raise BrokenStoreError [ATTN-STORE-003] if any metadata document names a pickle codec.
 
@@ -153,6 +169,8 @@ def refuse_pickle(documents, where: str) -> None:
     zarr parses anything: pickle runs code while decoding, and no reader should get that far.
     """
     for key, text in documents:
+        if not mentions_pickle_codec(text):
+            continue
         try:
             document = json.loads(text)
         except ValueError:
