@@ -2,9 +2,11 @@
 
 Prints, side by side from one run on this machine, for each case:
 
-* open + read one (layer, head) map: ``attnformat.open(...).sel(layer, head).values`` versus
-  ``torch.load(...)`` of the whole ``.pt`` (as the seeds do) and indexing it; warm (file in the page
-  cache) and cold (pages dropped with posix_fadvise before every read);
+* open + read one (layer, head) map: ``attnformat.read_map`` (and the general
+  ``attnformat.open(...).sel(layer, head).values``) versus ``torch.load(...)`` of the whole ``.pt``
+  (as the seeds do) and indexing it; warm (file in the page cache; calls in alternating blocks, see
+  ``interleaved_medians``) and cold (pages of both files dropped with posix_fadvise before every
+  call);
 * file size of the lossless default (Zarr, zip, HDF5) and of declared bit rounding, versus the .pt.
 
 Cases: real all-MiniLM-L6-v2 attention at 512 tokens (6 layers x 12 heads), the same for a causal
@@ -86,17 +88,25 @@ def drop_from_page_cache(path: Path) -> None:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def interleaved_medians(functions: dict, repeats: int, before=None) -> dict:
-    """Median time of each function, run in turn within every round so that load from other
-    processes on this shared machine falls on all of them alike."""
+def interleaved_medians(functions: dict, repeats: int, before=None, block: int = 3) -> dict:
+    """Median time of each function over ``repeats`` rounds.
+
+    Every round runs each function in a short block of ``block`` calls, so that load from other
+    processes on this shared machine falls on all of them alike. The first call of a block is not
+    counted: it pays for whatever the previous block left behind (a 2.4 GB ``torch.load`` evicts
+    CPU caches and hands its memory back to the system), which is not the cost of the call itself.
+    With ``before`` (dropping the page cache) every call is counted.
+    """
     times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            if before:
-                before()
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
+            for call in range(block):
+                if before:
+                    before()
+                start = time.perf_counter()
+                function()
+                if call or before:
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
