@@ -45,7 +45,13 @@ RANGE_TOLERANCE = 1e-6
 
 @dataclass(frozen=True)
 class Finding:
-    """One broken rule: its id, ``"error"`` (MUST) or ``"warning"`` (SHOULD), where, and what."""
+    """One broken rule: its id, ``"error"`` (MUST) or ``"warning"`` (SHOULD), where, and what.
+
+    Examples
+    --------
+    >>> Finding("ATTN-SITE-001", "error", "/encoder/self", "layout is 'sparse'").format()
+    "ERROR   ATTN-SITE-001   /encoder/self: layout is 'sparse'"
+    """
 
     rule_id: str
     level: str
@@ -59,7 +65,15 @@ class Finding:
 
 @dataclass
 class ValidationReport:
-    """Every finding for one file or tree. ``ok`` is True when no MUST rule is broken."""
+    """Every finding for one file or tree. ``ok`` is True when no MUST rule is broken.
+
+    Examples
+    --------
+    >>> report = ValidationReport("x.zarr")
+    >>> report.add("ATTN-ROOT-007", "/", "no 'model_name' attribute")
+    >>> report.ok, [f.level for f in report.findings], report.to_dict()["ok"]
+    (True, ['warning'], True)
+    """
 
     source: str
     findings: list[Finding] = field(default_factory=list)

@@ -164,6 +164,14 @@ class Writer:
 
         Returns the path of the finished file. Called by the ``with`` block; after an
         exception inside the block the file is closed with ``complete=False``.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, pathlib, attnformat
+        >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.h5")
+        >>> writer.create_site("self", sizes={"query": 2, "key": 2}).write("weights", np.full((2, 2), 0.5))
+        >>> writer.close().name, attnformat.is_complete(attnformat.open(writer.path))
+        ('x.h5', True)
         """
         if self.closed:
             return self.path
@@ -182,6 +190,13 @@ class Writer:
 
         Only a writer made with ``write_behind=True`` has a write in flight between calls (at
         most one); a failed write is raised here, or by the next ``write``.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, pathlib, attnformat
+        >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.zarr", write_behind=True)
+        >>> writer.create_site("self", sizes={"query": 2, "key": 2}).write("weights", np.full((2, 2), 0.5))
+        >>> writer.flush()  # the map is on disk now
         """
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -226,7 +241,19 @@ class Writer:
 
 
 class SiteWriter:
-    """Writes the variables of one attention site; made by :meth:`Writer.create_site`."""
+    """Writes the variables of one attention site; made by :meth:`Writer.create_site`.
+
+    ``dims`` maps each variable to its dimensions, ``sizes`` each dimension to its current
+    length and ``labels`` each leading dimension to its labels so far.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, attnformat
+    >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+    >>> site = writer.create_site("self", sizes={"layer": 2, "query": 3, "key": 3})
+    >>> site.sizes, site.labels
+    ({'layer': 2, 'query': 3, 'key': 3}, {'layer': [0, 1]})
+    """
 
     def __init__(self, writer, group, name, sizes, variables, dtype, coords, keepbits):
         self.writer, self.group, self.name, self.dtype, self.keepbits = writer, group, name, dtype, keepbits

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 import warnings
 import zipfile
@@ -378,8 +377,3 @@ def zip_directory(directory: Path, archive: Path) -> None:
     with zipfile.ZipFile(archive, "x", compression=zipfile.ZIP_STORED, allowZip64=True) as bundle:
         for file in files:
             bundle.write(file, file.relative_to(directory).as_posix())
-
-
-def remove_store(path: Path) -> None:
-    """Delete a directory store (used for scratch copies only)."""
-    shutil.rmtree(path, ignore_errors=True)
