@@ -242,18 +242,18 @@ def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool)
         report.add("ATTN-SITE-005", location, "holds neither 'weights' nor 'logits'")
     layout = _as_json(attrs.get("layout"))
     for name in attention:
-        _check_attention_variable(dataset, name, layout, attrs, f"{location}/{name}", report)
+        _check_attention_variable(dataset, name, layout, attrs, f"{location.rstrip('/')}/{name}", report)
     if "weights" in dataset.data_vars and "logits" in dataset.data_vars:
         if dataset["weights"].dims != dataset["logits"].dims:
             report.add("ATTN-DIM-004", location, f"weights has dims {dataset['weights'].dims}, logits {dataset['logits'].dims}")
     if "bias" in dataset.data_vars:
         reference = next((dataset[n].dims for n in ("weights", "logits") if n in dataset.data_vars), None)
         if reference is not None and not set(dataset["bias"].dims) <= set(reference):
-            report.add("ATTN-DIM-005", f"{location}/bias", f"bias dims {dataset['bias'].dims} are not a subset of {reference}")
+            report.add("ATTN-DIM-005", f"{location.rstrip('/')}/bias", f"bias dims {dataset['bias'].dims} are not a subset of {reference}")
     _check_coordinates(dataset, location, report)
     _check_other_variables(dataset, location, report)
     for name in dataset.data_vars:
-        _check_attributes({k: v for k, v in dataset[name].attrs.items() if k.startswith("lossy_")}, "variable-attributes", f"{location}/{name}", report)
+        _check_attributes({k: v for k, v in dataset[name].attrs.items() if k.startswith("lossy_")}, "variable-attributes", f"{location.rstrip('/')}/{name}", report)
     if layout == "edge":
         _check_edges(dataset, attrs, location, report)
     _check_patches(dataset, attrs, location, report)
@@ -290,9 +290,9 @@ def _check_coordinates(dataset: xr.Dataset, location: str, report: ValidationRep
         if name in dataset.variables:
             values = dataset.variables[name]
             if values.dtype.kind not in "iu":
-                report.add("ATTN-COORD-002", f"{location}/{name}", f"dtype is {values.dtype}, not integer")
+                report.add("ATTN-COORD-002", f"{location.rstrip('/')}/{name}", f"dtype is {values.dtype}, not integer")
             elif len(np.unique(values.values)) != values.size:
-                report.add("ATTN-COORD-002", f"{location}/{name}", "has repeated values")
+                report.add("ATTN-COORD-002", f"{location.rstrip('/')}/{name}", "has repeated values")
 
     def on_token_dims(variable, dim):
         return variable.dims in ((dim,), ("sample", dim))
@@ -301,18 +301,18 @@ def _check_coordinates(dataset: xr.Dataset, location: str, report: ValidationRep
         if name in dataset.variables:
             variable = dataset.variables[name]
             if variable.dtype.kind not in "OUT" or not on_token_dims(variable, dim):
-                report.add("ATTN-COORD-003", f"{location}/{name}", f"must be strings on ({dim},) or (sample, {dim}); is {variable.dtype} on {variable.dims}")
+                report.add("ATTN-COORD-003", f"{location.rstrip('/')}/{name}", f"must be strings on ({dim},) or (sample, {dim}); is {variable.dtype} on {variable.dims}")
     for dim, name in MASK_COORDS.items():
         if name in dataset.variables:
             variable = dataset.variables[name]
             if variable.dtype != bool or not on_token_dims(variable, dim):
-                report.add("ATTN-COORD-004", f"{location}/{name}", f"must be boolean on ({dim},) or (sample, {dim}); is {variable.dtype} on {variable.dims}")
+                report.add("ATTN-COORD-004", f"{location.rstrip('/')}/{name}", f"must be boolean on ({dim},) or (sample, {dim}); is {variable.dtype} on {variable.dims}")
     for coords, kinds in ((POSITION_COORDS, "iu"), (GROUP_COORDS, "iuOUT")):
         for dim, name in coords.items():
             if name in dataset.variables:
                 variable = dataset.variables[name]
                 if variable.dtype.kind not in kinds or not on_token_dims(variable, dim):
-                    report.add("ATTN-COORD-005", f"{location}/{name}", f"has dtype {variable.dtype} on {variable.dims}")
+                    report.add("ATTN-COORD-005", f"{location.rstrip('/')}/{name}", f"has dtype {variable.dtype} on {variable.dims}")
 
 
 def _check_other_variables(dataset: xr.Dataset, location: str, report: ValidationReport) -> None:
@@ -320,7 +320,7 @@ def _check_other_variables(dataset: xr.Dataset, location: str, report: Validatio
     for name, variable in dataset.data_vars.items():
         if name in ATTENTION_VARIABLES:
             continue
-        where = f"{location}/{name}"
+        where = f"{location.rstrip('/')}/{name}"
         role = _as_json(variable.attrs.get("role"))
         if role not in allowed_roles:
             report.add("ATTN-VAR-002", where, f"role is {role!r}; other variables need a role from {allowed_roles}")
@@ -358,7 +358,7 @@ def _check_edges(dataset: xr.Dataset, attrs, location: str, report: ValidationRe
         values = np.asarray(dataset[name].values)
         bad = (values < 0) | (values >= size)
         if bad.any():
-            report.add("ATTN-EDGE-003", f"{location}/{name}", f"{int(bad.sum())} indices outside [0, {size}) (first: {int(values[bad][0])})")
+            report.add("ATTN-EDGE-003", f"{location.rstrip('/')}/{name}", f"{int(bad.sum())} indices outside [0, {size}) (first: {int(values[bad][0])})")
 
 
 def _check_patches(dataset: xr.Dataset, attrs, location: str, report: ValidationReport) -> None:
@@ -376,7 +376,7 @@ def _check_patches(dataset: xr.Dataset, attrs, location: str, report: Validation
         limit = grid[0] if name.endswith("_row") else grid[1]
         data = np.asarray(values.values)
         if values.dtype.kind not in "iu" or np.any((data < -1) | (data >= limit)):
-            report.add("ATTN-IMG-002", f"{location}/{name}", f"must be integers in [-1, {limit})")
+            report.add("ATTN-IMG-002", f"{location.rstrip('/')}/{name}", f"must be integers in [-1, {limit})")
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationR
     if "weights" not in dataset.data_vars or normalization not in ("softmax", "sparsemax"):
         return
     weights = dataset["weights"]
-    where = f"{location}/weights"
+    where = f"{location.rstrip('/')}/weights"
     layout = _as_json(attrs.get("layout"))
     along = _as_json(attrs.get("normalized_dim", "key"))
     tolerance = _tolerance(weights)
@@ -502,5 +502,5 @@ def _check_softmax_of_logits(dataset, tolerance, location, report) -> None:
         expected /= expected.sum(axis=-1, keepdims=True)
         difference = float(np.max(np.abs(expected - weights[rows])))
         if difference > tolerance:
-            report.add("ATTN-VAL-005", f"{location}/logits", f"softmax(logits) differs from weights by up to {difference:.3g} at {_describe(selection)}")
+            report.add("ATTN-VAL-005", f"{location.rstrip('/')}/logits", f"softmax(logits) differs from weights by up to {difference:.3g} at {_describe(selection)}")
             return
