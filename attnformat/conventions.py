@@ -41,9 +41,9 @@ PATCH_COORDS = {"query": ("query_patch_row", "query_patch_col"), "key": ("key_pa
 EDGE_COORDS = ("source", "target")
 
 #: Maps up to this many elements (4 MiB of float32) are one chunk, one read per map; larger maps
-#: are tiled so that readers decode the tiles of one map in parallel.
+#: are cut into strips of whole rows of at most this many elements, which readers decode side by
+#: side, each straight into its place in the result.
 MAX_MAP_CHUNK_ELEMENTS = 1024 * 1024
-TILE_EDGE = 1024
 
 #: Row sums of softmax weights must be within this of 1 (float16 data gets the looser one).
 ROW_SUM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3, "float64": 1e-6}

@@ -4,11 +4,15 @@ Defaults (the spec's section "Storage"):
 
 * one chunk per map: every leading dimension (step, sample, layer, head, time, node) is chunked
   by 1 and the map dimensions (query, key, or edge) are whole, so reading one head is one read;
-  maps larger than 1024 x 1024 elements are tiled in 1024 x 1024 chunks (4 MiB of float32), which
-  readers decode in parallel;
-* lossless compression: Blosc LZ4 with bit-shuffle in Zarr (fast to decode, and the shuffle is
-  what makes attention compress: the exponent bits of probabilities are nearly constant),
-  deflate + shuffle in HDF5 (readable by every netCDF-C build);
+  maps larger than 1024 x 1024 elements are cut into strips of whole rows (at most 4 MiB of
+  float32 each): every chunk holds complete softmax rows, one query's attention is one read, and
+  a reader decodes the strips of a map side by side, each straight into its place;
+* lossless compression: Blosc LZ4 with byte shuffle in Zarr (the shuffle groups the nearly
+  constant sign/exponent bytes of probabilities so they compress; the mantissa bytes are close to
+  random and no codec shrinks them; against bit-shuffle it decodes real attention ~20% faster and
+  stores causal maps ~10% smaller, for dense maps 4-7% larger), deflate + shuffle in HDF5
+  (readable by every netCDF-C build); bit-rounded variables use bit-shuffle, which lines up the
+  zeroed low mantissa bits so that they vanish;
 * strings are variable-length UTF-8; float16 becomes float32 in HDF5 (netCDF4 has no float16).
 
 Lossy storage is never a default. ``keepbits`` rounds the mantissa to that many bits (relative
@@ -25,33 +29,29 @@ import numpy as np
 import xarray as xr
 from zarr.codecs import BloscCodec
 
-from attnformat.conventions import LEADING_DIMS, MAX_MAP_CHUNK_ELEMENTS, TILE_EDGE
+from attnformat.conventions import LEADING_DIMS, MAX_MAP_CHUNK_ELEMENTS
 
 MAP_DIMS = ("query", "key", "edge")
 
 
 def map_chunks(dims, shape) -> tuple[int, ...]:
-    """Chunk shape for a variable: 1 along leading dimensions, whole (or tiled) maps.
+    """Chunk shape for a variable: 1 along leading dimensions, whole maps, or strips of whole rows.
 
     Examples
     --------
     >>> map_chunks(("layer", "head", "query", "key"), (6, 12, 512, 512))
     (1, 1, 512, 512)
     >>> map_chunks(("head", "query", "key"), (2, 4096, 4096))
-    (1, 1024, 1024)
+    (1, 256, 4096)
     """
-    map_elements = int(np.prod([size for dim, size in zip(dims, shape) if dim in MAP_DIMS] or [1]))
-    chunks = []
-    for dim, size in zip(dims, shape):
-        if dim in MAP_DIMS:
-            limit = TILE_EDGE if map_elements > MAX_MAP_CHUNK_ELEMENTS else size
-            if dim == "edge" and map_elements > MAX_MAP_CHUNK_ELEMENTS:
-                limit = MAX_MAP_CHUNK_ELEMENTS
-            chunks.append(max(1, min(size, limit)))
-        elif dim in LEADING_DIMS:
-            chunks.append(1)
-        else:
-            chunks.append(max(1, size))
+    chunks = [1 if dim in LEADING_DIMS else max(1, size) for dim, size in zip(dims, shape)]
+    # Map dimensions from the innermost out: each takes what the chunk budget leaves, so rows
+    # (the softmax axis) stay whole and only the outer map dimension is cut.
+    budget = MAX_MAP_CHUNK_ELEMENTS
+    for position in reversed(range(len(dims))):
+        if dims[position] in MAP_DIMS:
+            chunks[position] = max(1, min(shape[position], budget))
+            budget = max(1, budget // chunks[position])
     return tuple(chunks)
 
 
@@ -66,11 +66,21 @@ def is_map(dims) -> bool:
     return any(dim in MAP_DIMS for dim in dims)
 
 
-def zarr_compressors(zarr_format: int):
-    """The default lossless compressor for a Zarr format, as the encoding expects it."""
+def zarr_compressors(zarr_format: int, bit_rounded: bool = False):
+    """The default compressor for a Zarr format, as the encoding expects it.
+
+    Byte shuffle for lossless data; bit-shuffle for bit-rounded data, whose zeroed low mantissa
+    bits only line up (and compress away) when bits, not bytes, are regrouped.
+
+    Examples
+    --------
+    >>> zarr_compressors(3)["compressors"][0].shuffle.value, zarr_compressors(3, bit_rounded=True)["compressors"][0].shuffle.value
+    ('shuffle', 'bitshuffle')
+    """
     if zarr_format == 2:
-        return {"compressors": [numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)]}
-    return {"compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")]}
+        shuffle = numcodecs.Blosc.BITSHUFFLE if bit_rounded else numcodecs.Blosc.SHUFFLE
+        return {"compressors": [numcodecs.Blosc(cname="lz4", clevel=5, shuffle=shuffle)]}
+    return {"compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bit_rounded else "shuffle")]}
 
 
 def variable_encoding(variable: xr.Variable, engine: str, zarr_format: int = 3) -> dict:
@@ -91,7 +101,7 @@ def variable_encoding(variable: xr.Variable, engine: str, zarr_format: int = 3) 
         if chunks:
             encoding["chunksizes"] = chunks
         return encoding
-    encoding = dict(zarr_compressors(zarr_format))
+    encoding = dict(zarr_compressors(zarr_format, bit_rounded="lossy_keepbits" in variable.attrs))
     if chunks:
         encoding["chunks"] = chunks
     return encoding

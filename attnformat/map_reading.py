@@ -1,10 +1,11 @@
 """Reading one map (or a few) straight from a Zarr store, without building the whole tree.
 
 The common question is "show me layer 3, head 5". :func:`read_map` answers it from the store's
-consolidated metadata and one chunk read through TensorStore (a C++ Zarr reader that decodes
-chunks without Python in the loop), and labels the result like :func:`attnformat.open` would.
-Stores it cannot take this way (zip, HDF5, Zarr without consolidated metadata, CF-encoded
-variables) go through :func:`attnformat.open`; the result is the same either way.
+consolidated metadata and the one chunk (or the few tiles) holding that map, decoded in the
+caller's thread by zarr-python's own codecs (:mod:`attnformat.engines.zarr_sync`), and labels the
+result like :func:`attnformat.open` would. Stores it cannot take this way (zip, HDF5, Zarr v2,
+Zarr without consolidated metadata, CF-encoded variables, codecs without a synchronous decoder)
+go through :func:`attnformat.open`; the result is the same either way.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def read_map(source: str | os.PathLike, site: str | None = None, variable: str =
     (('query', 'key'), (6, 6), '[CLS]')
     """
     path = Path(source)
-    fast = _read_with_tensorstore(path, site, variable, selection)
+    fast = _read_directly(path, site, variable, selection)
     if fast is not None:
         return fast
     from attnformat.reading import get_site, open as open_tree
@@ -116,12 +117,11 @@ def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
     return None
 
 
-def _read_with_tensorstore(path: Path, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
-    try:
-        import tensorstore  # noqa: F401 - only asking whether it is there
-    except ImportError:
-        return None
-    from attnformat.engines.zarr import open_tensorstore, read_strings
+def _read_directly(path: Path, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
+    """The one-map path: consolidated Zarr v3 metadata, then the touched chunks, in this thread."""
+    from zarr.storage import LocalStore, StorePath
+
+    from attnformat.engines import zarr_sync
 
     if not path.is_dir() or engine_name_for_path(path) != "zarr":
         return None
@@ -135,29 +135,29 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
         site = sites[0]
     site = site.strip("/")
     target = nodes.get(f"{site}/{variable}")
-    if site not in sites or target is None or target["kind"] != "array" or not target.get("dims"):
+    if site not in sites or target is None or target["kind"] != "array" or target["format"] != 3 or not target.get("dims"):
         return None
     arrays = {name.rpartition("/")[2]: node for name, node in nodes.items() if node["kind"] == "array" and name.rpartition("/")[0] == site}
     if any(key in node["attrs"] for node in arrays.values() for key in ("scale_factor", "add_offset", "_Unsigned", "dtype", "calendar")):
         return None
 
-    driver = "zarr3" if target["format"] == 3 else "zarr"
-
-    def open_array(name):
-        return open_tensorstore({"driver": driver, "kvstore": {"driver": "file", "path": str(path / site / name)}})
-
     dims = tuple(target["dims"])
+    unknown = [dim for dim in selection if dim not in dims]
+    if unknown:
+        raise SelectionError(f"{path}: /{site}/{variable} has no dimension {unknown[0]!r}; dimensions: {', '.join(dims)}")
     coordinate_names = set(str(target["attrs"].get("coordinates", "")).split()) | set(str(nodes[site]["attrs"].get("coordinates", "")).split())
     index_names = [dim for dim in dims if dim in arrays and tuple(arrays[dim]["dims"] or ()) == (dim,)]
-    other_names = [name for name in coordinate_names if name in arrays and set(arrays[name]["dims"] or ()) <= set(dims)]
-    numeric = [name for name in index_names + other_names if not _is_string(arrays[name])]
-    strings = [name for name in index_names + other_names if _is_string(arrays[name])]
-    pending = {name: open_array(name) for name in [variable, *numeric]}  # opened concurrently
-    text = read_strings(path / site, strings) if strings else {}
-    stores = {name: future.result() for name, future in pending.items()}
-    reads = {name: stores[name].read() for name in numeric}  # issued together, waited together
-    values = {name: read.result() for name, read in reads.items()}
-    values.update(text)
+    other_names = [name for name in coordinate_names if name in arrays and name not in index_names and set(arrays[name]["dims"] or ()) <= set(dims)]
+
+    store = LocalStore(path, read_only=True)
+    opened = {}
+    for name in [variable, *index_names, *other_names]:
+        metadata = zarr_sync.array_metadata(arrays[name]["raw"])
+        store_path = StorePath(store, f"{site}/{name}")
+        if not zarr_sync.can_read(metadata, store_path):
+            return None  # a codec or layout only the general readers know
+        opened[name] = (metadata, store_path)
+    values = {name: zarr_sync.read_all(*opened[name]) for name in [*index_names, *other_names]}
 
     index = []
     for dim in dims:
@@ -172,10 +172,7 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
             listed = ", ".join(map(str, values[dim].tolist()))
             raise SelectionError(f"{path}: {dim} {selection[dim]!r} is not in site /{site}; {dim} values: {listed}")
         index.append(int(matches[0]))
-    unknown = [dim for dim in selection if dim not in dims]
-    if unknown:
-        raise SelectionError(f"{path}: /{site}/{variable} has no dimension {unknown[0]!r}; dimensions: {', '.join(dims)}")
-    data = stores[variable][tuple(index)].read().result()
+    data = zarr_sync.read(*opened[variable], tuple(index))
     kept = tuple(dim for dim, item in zip(dims, index) if isinstance(item, slice))
     positions = dict(zip(dims, index))
     coords = {}
@@ -184,14 +181,11 @@ def _read_with_tensorstore(path: Path, site: str | None, variable: str, selectio
         taken = tuple(positions.get(dim, slice(None)) for dim in coord_dims)
         coord_values = values[name][taken] if coord_dims else values[name]
         remaining = tuple(dim for dim, item in zip(coord_dims, taken) if isinstance(item, slice))
-        coords[name] = (remaining, coord_values, arrays[name]["attrs"])
-    attrs = {k: v for k, v in target["attrs"].items() if k not in ("coordinates", "_ARRAY_DIMENSIONS", "_FillValue")}
-    return xr.DataArray(
-        data, dims=kept, name=variable, attrs=attrs,
-        coords={name: xr.Variable(cdims, cvalues, {k: v for k, v in cattrs.items() if k not in ("_ARRAY_DIMENSIONS", "_FillValue")}) for name, (cdims, cvalues, cattrs) in coords.items()},
-    )
+        coords[name] = xr.Variable(remaining, coord_values, _public_attrs(arrays[name]["attrs"]))
+    return xr.DataArray(data, dims=kept, name=variable, attrs=_public_attrs(target["attrs"], "coordinates"), coords=coords)
 
 
-def _is_string(node: dict) -> bool:
-    dtype = node.get("dtype")
-    return dtype in ("string", "|O", "<U0") or (isinstance(dtype, str) and dtype.startswith(("<U", ">U", "|S")))
+def _public_attrs(attrs: dict, *also_hidden: str) -> dict:
+    """Attributes as the tree shows them: without the storage-level ones."""
+    hidden = ("_ARRAY_DIMENSIONS", "_FillValue", *also_hidden)
+    return {key: value for key, value in attrs.items() if key not in hidden}

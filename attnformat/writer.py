@@ -344,7 +344,7 @@ class SiteWriter:
         else:
             attrs["_ARRAY_DIMENSIONS"] = list(dims)
         if dtype is not str:
-            kwargs.update(zarr_compressors(self.writer.zarr_format))
+            kwargs.update(zarr_compressors(self.writer.zarr_format, bit_rounded="lossy_keepbits" in attrs))
         chunk_shape = tuple(max(1, c) for c in (chunks or shape)) or None
         if "step" in dims:  # an appendable dimension: chunk it by one step
             chunk_shape = tuple(1 if d == "step" else c for d, c in zip(dims, chunk_shape))

@@ -24,6 +24,7 @@ import zarr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from attnformat.engines import zarr_sync
 from attnformat.errors import BrokenStoreError, UnreadableFileError
 
 # Attributes that ask for CF decoding; a file carrying any of them takes xarray's own path.
@@ -35,15 +36,17 @@ _EAGER_COORD_ELEMENTS = 1 << 22
 class _LazyZarrArray(BackendArray):
     """Read-on-index view of one zarr array, for xarray's lazy indexing machinery.
 
-    Numeric arrays of a local directory store are read through TensorStore when it is installed:
-    it decodes the tiles of a large map in parallel and has no Python in its read loop. Everything
-    else goes through zarr-python.
+    Integer and slice selections of a local Zarr v3 directory are decoded in the caller's thread
+    (:mod:`attnformat.engines.zarr_sync`); other selections of numeric arrays of a local store
+    (lists of indices) go through TensorStore when it is installed, everything else through
+    zarr-python.
     """
 
     def __init__(self, array: zarr.Array, directory: Path | None = None):
         self.array = array
         self.shape = array.shape
         self.dtype = np.dtype(object) if array.dtype.kind == "T" else array.dtype
+        self._direct = directory is not None and zarr_sync.can_read(array.metadata, array.store_path)
         self._spec = tensorstore_spec(array, directory) if directory is not None else None
         self._tensorstore = None
 
@@ -54,6 +57,8 @@ class _LazyZarrArray(BackendArray):
 
     def _read(self, key):
         fancy = any(isinstance(k, np.ndarray) for k in key)
+        if self._direct and not fancy:
+            return _as_object_strings(zarr_sync.read(self.array.metadata, self.array.store_path, key))
         if self._spec is not None:
             if self._tensorstore is None:
                 self._tensorstore = open_tensorstore(self._spec).result()
@@ -294,9 +299,19 @@ def _build_dataset(layout: dict, loaded: dict[str, np.ndarray], directory: Path 
 
 
 def _read_eagerly(arrays: dict[str, zarr.Array], directory: Path | None) -> dict[str, np.ndarray]:
-    """Read small coordinates (keyed by their path in the store) all at once, in one zarr round trip."""
-    if not arrays:
-        return {}
+    """Read small coordinates (keyed by their path in the store) all at once.
+
+    Arrays of a local Zarr v3 directory are decoded right here, one after the other (tens of
+    microseconds each); the rest go to zarr's event loop together, in one round trip.
+    """
+    loaded = {}
+    if directory is not None:
+        for key, array in arrays.items():
+            if zarr_sync.can_read(array.metadata, array.store_path):
+                loaded[key] = zarr_sync.read_all(array.metadata, array.store_path)
+    remaining = {key: array for key, array in arrays.items() if key not in loaded}
+    if not remaining:
+        return loaded
     import asyncio
 
     from zarr.core.sync import sync
@@ -304,9 +319,10 @@ def _read_eagerly(arrays: dict[str, zarr.Array], directory: Path | None) -> dict
     async def read_all():
         # The arrays are already open (from consolidated metadata when there is some); reading
         # them through their async side gathers every read into one trip to zarr's event loop.
-        return await asyncio.gather(*(array._async_array.getitem(...) for array in arrays.values()))
+        return await asyncio.gather(*(array._async_array.getitem(...) for array in remaining.values()))
 
-    return {key: _as_object_strings(np.asarray(values)) for key, values in zip(arrays, sync(read_all()))}
+    loaded.update({key: _as_object_strings(np.asarray(values)) for key, values in zip(remaining, sync(read_all()))})
+    return {key: loaded[key] for key in arrays}
 
 
 def _check_dimension_sizes(arrays: dict, dims_of: dict, where: str) -> None:

@@ -67,13 +67,14 @@ def test_default_chunks_hold_one_map_each(tmp_path):
     assert weights.chunks == (1, 1, 1, 10, 10)
 
 
-def test_large_maps_are_tiled():
+def test_large_maps_are_cut_in_strips_of_whole_rows():
     from attnformat.encoding import map_chunks
 
     assert map_chunks(("layer", "head", "query", "key"), (12, 12, 1024, 1024)) == (1, 1, 1024, 1024)
-    assert map_chunks(("layer", "head", "query", "key"), (12, 12, 2048, 2048)) == (1, 1, 1024, 1024)
-    assert map_chunks(("layer", "head", "query", "key"), (1, 1, 1000, 3000)) == (1, 1, 1000, 1024)
+    assert map_chunks(("layer", "head", "query", "key"), (12, 12, 2048, 2048)) == (1, 1, 512, 2048)
+    assert map_chunks(("layer", "head", "query", "key"), (1, 1, 1000, 3000)) == (1, 1, 349, 3000)
     assert map_chunks(("layer", "edge"), (2, 10_000_000)) == (1, 1024 * 1024)
+    assert map_chunks(("query", "key"), (4, 3_000_000)) == (1, 1024 * 1024)  # a row longer than a chunk
 
 
 def test_bit_rounding_is_declared_and_bounded(tmp_path):
@@ -86,3 +87,27 @@ def test_bit_rounding_is_declared_and_bounded(tmp_path):
     assert relative.max() <= 2.0**-9
     assert (stored.values > 0).all()  # small probabilities stay positive, unlike absolute quantization
     assert attnformat.validate(path).ok
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2])
+def test_lossless_maps_use_byte_shuffle_and_bit_rounded_maps_bit_shuffle(tmp_path, zarr_format):
+    """Both the whole-tree save and the streaming writer pick the shuffle by what the data is."""
+    import zarr
+
+    def shuffle_of(array_path):
+        compressor = zarr.open_array(array_path, mode="r").compressors[0]
+        shuffle = compressor.shuffle
+        return {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}[shuffle] if isinstance(shuffle, int) else shuffle.value
+
+    tree = build("dense")
+    plain = attnformat.save(tree, tmp_path / "plain.zarr", zarr_format=zarr_format)
+    rounded = attnformat.save(tree, tmp_path / "rounded.zarr", zarr_format=zarr_format, keepbits={"weights": 8})
+    assert shuffle_of(plain / "encoder/self/weights") == "shuffle"
+    assert shuffle_of(rounded / "encoder/self/weights") == "bitshuffle"
+
+    with attnformat.Writer(tmp_path / "streamed.zarr", zarr_format=zarr_format) as writer:
+        site = writer.create_site("self", sizes={"head": 2, "query": 4, "key": 4}, variables=("weights", "logits"), keepbits={"weights": 6}, attrs={"attention_type": "self", "causal": 0})
+        site.write("weights", np.full((2, 4, 4), 0.25, "float32"))
+        site.write("logits", np.zeros((2, 4, 4), "float32"))
+    assert shuffle_of(tmp_path / "streamed.zarr/self/weights") == "bitshuffle"
+    assert shuffle_of(tmp_path / "streamed.zarr/self/logits") == "shuffle"
