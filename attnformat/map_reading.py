@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -72,49 +73,48 @@ def _check_selection(path, site_path, data: xr.DataArray, selection: dict) -> No
 
 
 def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
-    """Node path -> {"kind", "dims", "attrs", "dtype", "format"}, or None when not consolidated
-    (or when the metadata names a pickle codec: the general path refuses such stores)."""
+    """Node path -> {"kind", "dims", "attrs", "dtype", "raw"} from a Zarr v3 store's consolidated
+    metadata, or None (no such metadata, or it names a pickle codec: the general path refuses
+    such stores and explains)."""
+    try:
+        text = (path / "zarr.json").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return _parse_consolidated(text)
+
+
+@lru_cache(maxsize=32)
+def _parse_consolidated(text: str) -> dict[str, dict] | None:
+    # A pure function of the metadata's text, so the last few results are kept: reading the same
+    # file again re-reads the text (a changed file parses afresh) but not the JSON. Callers must
+    # not change what they get.
     from attnformat.engines.zarr import mentions_pickle_codec
 
-    root = path / "zarr.json"
-    if root.exists():
-        text = root.read_text()
-        if mentions_pickle_codec(text):
-            return None
+    if mentions_pickle_codec(text):
+        return None
+    try:
         document = json.loads(text)
-        consolidated = (document.get("consolidated_metadata") or {}).get("metadata")
-        if consolidated is None:
-            return None
-        nodes = {"": {"kind": "group", "attrs": document.get("attributes", {})}}
-        for name, meta in consolidated.items():
-            if meta.get("node_type") == "group":
-                nodes[name] = {"kind": "group", "attrs": meta.get("attributes", {})}
-            else:
-                nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "dtype": meta.get("data_type"), "format": 3, "raw": meta}
-        return nodes
-    v2 = path / ".zmetadata"
-    if v2.exists():
-        text = v2.read_text()
-        if mentions_pickle_codec(text):
-            return None
-        entries = json.loads(text).get("metadata", {})
-        nodes: dict[str, dict] = {}
-        for key, meta in entries.items():
-            name, _, kind = key.rpartition("/")
-            if kind == ".zgroup":
-                nodes.setdefault(name, {"kind": "group", "attrs": {}})
-            elif kind == ".zarray":
-                nodes.setdefault(name, {"kind": "array", "attrs": {}})
-                nodes[name].update(dtype=meta.get("dtype"), format=2, raw=meta)
-        for key, meta in entries.items():
-            name, _, kind = key.rpartition("/")
-            if kind == ".zattrs" and name in nodes:
-                attrs = dict(meta)
-                nodes[name]["attrs"] = attrs
-                if nodes[name]["kind"] == "array":
-                    nodes[name]["dims"] = attrs.get("_ARRAY_DIMENSIONS")
-        return nodes
-    return None
+    except ValueError:
+        return None
+    consolidated = (document.get("consolidated_metadata") or {}).get("metadata") if isinstance(document, dict) else None
+    if not isinstance(consolidated, dict):
+        return None
+    nodes = {"": {"kind": "group", "attrs": document.get("attributes", {})}}
+    for name, meta in consolidated.items():
+        if meta.get("node_type") == "group":
+            nodes[name] = {"kind": "group", "attrs": meta.get("attributes", {})}
+        else:
+            nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "dtype": meta.get("data_type"), "raw": meta}
+    return nodes
+
+
+def _array_metadata(node: dict):
+    """zarr's parsed metadata of an array node, parsed once per (kept) consolidated document."""
+    from attnformat.engines import zarr_sync
+
+    if "metadata" not in node:
+        node["metadata"] = zarr_sync.array_metadata(node["raw"])
+    return node["metadata"]
 
 
 def _read_directly(path: Path, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
@@ -135,7 +135,7 @@ def _read_directly(path: Path, site: str | None, variable: str, selection: dict)
         site = sites[0]
     site = site.strip("/")
     target = nodes.get(f"{site}/{variable}")
-    if site not in sites or target is None or target["kind"] != "array" or target["format"] != 3 or not target.get("dims"):
+    if site not in sites or target is None or target["kind"] != "array" or not target.get("dims"):
         return None
     arrays = {name.rpartition("/")[2]: node for name, node in nodes.items() if node["kind"] == "array" and name.rpartition("/")[0] == site}
     if any(key in node["attrs"] for node in arrays.values() for key in ("scale_factor", "add_offset", "_Unsigned", "dtype", "calendar")):
@@ -152,7 +152,7 @@ def _read_directly(path: Path, site: str | None, variable: str, selection: dict)
     store = LocalStore(path, read_only=True)
     opened = {}
     for name in [variable, *index_names, *other_names]:
-        metadata = zarr_sync.array_metadata(arrays[name]["raw"])
+        metadata = _array_metadata(arrays[name])
         store_path = StorePath(store, f"{site}/{name}")
         if not zarr_sync.can_read(metadata, store_path):
             return None  # a codec or layout only the general readers know

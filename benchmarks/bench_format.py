@@ -48,7 +48,8 @@ import numpy as np
 
 import attnformat
 
-#: Calls of a worker process that are not counted: the first ones pay for imports and caches.
+#: Warm calls of a worker process that are not counted (after one untimed call that pays for the
+#: imports): the next few still warm up caches and the allocator.
 SETTLE = 3
 
 
@@ -79,6 +80,7 @@ def worker(reader: str, path: Path, layer: int, head: int, calls: int, cold: boo
 
         torch.set_num_threads(2)
     function = READERS[reader]
+    function(path, layer, head)  # imports and first touches, never counted
     times = []
     for _ in range(calls):
         if cold:
@@ -95,7 +97,9 @@ def in_own_processes(jobs: dict[str, tuple[str, Path]], layer: int, head: int, r
     for _ in range(rounds):
         for name, (reader, path) in jobs.items():
             command = [sys.executable, __file__, "--worker", reader, str(path), str(layer), str(head), str(calls)] + (["--cold"] if cold else [])
-            result = subprocess.run(command, check=True, capture_output=True, text=True)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                raise RuntimeError(f"worker {' '.join(command[2:])} failed:\n{result.stderr}")
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             times[name].extend(measured if cold else measured[SETTLE:])
     return {name: statistics.median(values) for name, values in times.items()}

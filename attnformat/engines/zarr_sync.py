@@ -6,11 +6,12 @@ in thread hand-offs and per-call setup. zarr-python declares which stores can re
 (``zarr.abc.store.SupportsGetSync``: local directories) and which codecs can decode synchronously
 (``zarr.abc.codec.SupportsSyncCodec``: bytes, blosc, zstd, gzip, crc32c, transpose, vlen-utf8);
 this module only chains those pieces for the chunks a selection touches, the way zarr's codec
-pipeline does. Anything else (sharding, Zarr v2, zip or remote stores, a codec without a
-synchronous side) answers ``None`` here and is read by TensorStore or zarr-python as before.
+pipeline does. For anything else (sharding, Zarr v2, zip or remote stores, a codec without a
+synchronous side) :func:`can_read` says no, and callers read through TensorStore or zarr-python.
 
 Selections are what xarray's outer indexing hands a backend array: per dimension an integer or a
-slice. Maps tiled in several chunks are decoded on a small thread pool (the codecs release the GIL).
+slice with a positive step. A map stored in several chunks (strips of rows) is decoded on a small
+thread pool, each strip straight into its place (the codecs release the GIL).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from functools import lru_cache
 from itertools import product
 
 import numpy as np
+
+from attnformat.errors import UnreadableFileError
 
 
 @lru_cache(maxsize=1)
@@ -114,9 +117,11 @@ def read(metadata, store_path, selection: tuple = ()) -> np.ndarray:
     for item, size in zip(selection, shape):
         if isinstance(item, slice):
             start, stop, step = item.indices(size)
-            if step < 0 or stop <= start:
-                start, stop, step = _normalised_slice(item, size)
-            bounds.append((start, max(start, stop)))
+            if step < 0:
+                raise IndexError("slices with a negative step are not supported; reverse the result instead")
+            if stop <= start:
+                start, stop, step = 0, 0, 1  # empty
+            bounds.append((start, stop))
             takes.append(slice(None, None, step) if step != 1 else slice(None))
         else:
             index = int(item)
@@ -165,14 +170,6 @@ def read_all(metadata, store_path) -> np.ndarray:
     return values.astype(object) if values.dtype.kind in "TU" else values
 
 
-def _normalised_slice(item: slice, size: int) -> tuple[int, int, int]:
-    # Empty or reversed slices: read the covering range forwards, take the slice from it after.
-    indices = range(*item.indices(size))
-    if len(indices) == 0:
-        return 0, 0, 1
-    raise IndexError("negative slice steps are not supported")
-
-
 def _decode_chunk_into(metadata, store_path, coords: tuple[int, ...], destination: np.ndarray) -> bool:
     """Decode one chunk straight into ``destination`` (C-contiguous, the chunk's shape).
 
@@ -199,7 +196,15 @@ def _decode_chunk_into(metadata, store_path, coords: tuple[int, ...], destinatio
     def decode(raw) -> None:
         if raw is None:
             destination[...] = metadata.fill_value
-        elif len(codecs) == 1:
+            return
+        # A damaged or foreign chunk must not leave part of the (uninitialized) result unwritten.
+        size = len(raw) if len(codecs) == 1 else _blosc_decoded_size(raw)
+        if size != destination.nbytes:
+            raise UnreadableFileError(
+                f"{os.path.join(str(store_path), key)}: chunk decodes to {size} bytes, but the array's "
+                f"metadata makes it {destination.nbytes}; the store is damaged"
+            )
+        if len(codecs) == 1:
             destination.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw, np.uint8)
         else:
             _blosc().decode(raw, out=destination)
@@ -221,6 +226,14 @@ def _decode_chunk_into(metadata, store_path, coords: tuple[int, ...], destinatio
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 decode(mapped)
     return True
+
+
+def _blosc_decoded_size(raw) -> int:
+    # Blosc 1 frame header (16 bytes): version, codec version, flags, type size, then the
+    # uncompressed size as a little-endian uint32. numcodecs exposes this only privately.
+    if len(raw) < 16:
+        return -1
+    return int.from_bytes(raw[4:8], "little")
 
 
 @lru_cache(maxsize=1)

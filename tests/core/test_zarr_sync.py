@@ -115,3 +115,16 @@ def test_one_map_paths_decode_in_the_callers_thread(tmp_path, monkeypatch):
     assert "encoder/self/weights" in reads
     xr.testing.assert_identical(head, from_tree)
     np.testing.assert_array_equal(head.values, build("dense")["encoder/self"]["weights"].sel(layer=1, head=2).values)
+
+
+@pytest.mark.parametrize("chain", ["blosc-byte-shuffle (default)", "uncompressed"])
+def test_a_chunk_of_the_wrong_size_is_an_error_not_garbage(tmp_path, chain):
+    # A chunk that decodes to fewer bytes than the metadata promises would leave part of the
+    # result uninitialized memory; it must be refused, naming the chunk.
+    array = _array(tmp_path, chain, shape=(2, 8, 8), chunks=(1, 8, 8))
+    small = zarr.create_array(tmp_path / "small.zarr", shape=(1, 4, 8), chunks=(1, 4, 8), dtype="float32", **CODEC_CHAINS[chain])
+    small[...] = 1.0
+    (tmp_path / small.store_path.store.root / "c/0/0/0").replace(array.store_path.store.root / "c/1/0/0")
+    with pytest.raises(attnformat.UnreadableFileError, match=r"c/1/0/0: chunk decodes to 128 bytes, but the array's metadata makes it 256"):
+        zarr_sync.read(array.metadata, array.store_path, (1,))
+    np.testing.assert_array_equal(zarr_sync.read(array.metadata, array.store_path, (0,)), array[0])
