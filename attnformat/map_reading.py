@@ -1,7 +1,7 @@
 """Reading one map (or a few) straight from a Zarr store, without building the whole tree.
 
 The common question is "show me layer 3, head 5". :func:`read_map` answers it from the store's
-consolidated metadata and the one chunk (or the few tiles) holding that map, decoded in the
+consolidated metadata and the one chunk (or the few strips) holding that map, decoded in the
 caller's thread by zarr-python's own codecs (:mod:`attnformat.engines.zarr_sync`), and labels the
 result like :func:`attnformat.open` would. Stores it cannot take this way (zip, HDF5, Zarr v2,
 Zarr without consolidated metadata, CF-encoded variables, codecs without a synchronous decoder)
