@@ -128,3 +128,18 @@ def test_a_chunk_of_the_wrong_size_is_an_error_not_garbage(tmp_path, chain):
     with pytest.raises(attnformat.UnreadableFileError, match=r"c/1/0/0: chunk decodes to 128 bytes, but the array's metadata makes it 256"):
         zarr_sync.read(array.metadata, array.store_path, (1,))
     np.testing.assert_array_equal(zarr_sync.read(array.metadata, array.store_path, (0,)), array[0])
+
+
+def test_open_takes_the_root_from_consolidated_metadata_without_zarrs_event_loop(tmp_path, monkeypatch):
+    from attnformat.engines import zarr as zarr_engine
+
+    v3 = attnformat.save(build("dense"), tmp_path / "dense.zarr")
+    v2 = attnformat.save(build("dense"), tmp_path / "dense2.zarr", zarr_format=2)
+    expected = attnformat.open(v3).load()
+    calls = []
+    original = zarr_engine._open_root_group
+    monkeypatch.setattr(zarr_engine, "_open_root_group", lambda *args: calls.append(args) or original(*args))
+    xr.testing.assert_identical(attnformat.open(v3).load(), expected)
+    assert calls == []  # consolidated Zarr v3: parsed by zarr's GroupMetadata, no open_group
+    xr.testing.assert_identical(attnformat.open(v2).load(), expected)
+    assert len(calls) == 1  # Zarr v2 goes through zarr.open_group
