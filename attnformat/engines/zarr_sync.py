@@ -200,9 +200,10 @@ def _decode_chunk_into(metadata, store_path, coords: tuple[int, ...], destinatio
         # A damaged or foreign chunk must not leave part of the (uninitialized) result unwritten.
         size = len(raw) if len(codecs) == 1 else _blosc_decoded_size(raw)
         if size != destination.nbytes:
+            found = "is not a whole Blosc frame (cut short?)" if size < 0 else f"decodes to {size} bytes"
             raise UnreadableFileError(
-                f"{os.path.join(str(store_path), key)}: chunk decodes to {size} bytes, but the array's "
-                f"metadata makes it {destination.nbytes}; the store is damaged"
+                f"{chunk_name}: chunk {found}, but the array's metadata makes "
+                f"it {destination.nbytes} bytes; the store is damaged"
             )
         if len(codecs) == 1:
             destination.reshape(-1).view(np.uint8)[...] = np.frombuffer(raw, np.uint8)
@@ -211,11 +212,13 @@ def _decode_chunk_into(metadata, store_path, coords: tuple[int, ...], destinatio
 
     key = metadata.encode_chunk_key(coords)
     if not isinstance(store_path.store, LocalStore):
+        chunk_name = f"{store_path}/{key}"
         encoded = (store_path / key).get_sync(prototype=_chunk_context()[1])
         decode(None if encoded is None else encoded.as_numpy_array())
         return True
+    chunk_name = os.path.join(store_path.store.root, store_path.path, key)
     try:
-        handle = open(os.path.join(store_path.store.root, store_path.path, key), "rb", buffering=0)
+        handle = open(chunk_name, "rb", buffering=0)
     except (FileNotFoundError, NotADirectoryError):
         decode(None)
         return True
@@ -229,9 +232,15 @@ def _decode_chunk_into(metadata, store_path, coords: tuple[int, ...], destinatio
 
 
 def _blosc_decoded_size(raw) -> int:
-    # Blosc 1 frame header (16 bytes): version, codec version, flags, type size, then the
-    # uncompressed size as a little-endian uint32. numcodecs exposes this only privately.
-    if len(raw) < 16:
+    """The uncompressed size a Blosc 1 frame declares, or -1 if the frame is not whole.
+
+    The 16-byte header holds version, codec version, flags, type size, then as little-endian
+    uint32 the uncompressed size, the block size and the frame's own compressed size. A frame cut
+    short (a truncated file) still declares its full size, and the decoder would read past the end
+    of the buffer, so the declared compressed size must be the stored one. (numcodecs checks
+    neither, and exposes the header only privately.)
+    """
+    if len(raw) < 16 or int.from_bytes(raw[12:16], "little") != len(raw):
         return -1
     return int.from_bytes(raw[4:8], "little")
 

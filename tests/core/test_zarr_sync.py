@@ -125,7 +125,7 @@ def test_a_chunk_of_the_wrong_size_is_an_error_not_garbage(tmp_path, chain):
     small = zarr.create_array(tmp_path / "small.zarr", shape=(1, 4, 8), chunks=(1, 4, 8), dtype="float32", **CODEC_CHAINS[chain])
     small[...] = 1.0
     (tmp_path / small.store_path.store.root / "c/0/0/0").replace(array.store_path.store.root / "c/1/0/0")
-    with pytest.raises(attnformat.UnreadableFileError, match=r"c/1/0/0: chunk decodes to 128 bytes, but the array's metadata makes it 256"):
+    with pytest.raises(attnformat.UnreadableFileError, match=r"c/1/0/0: chunk decodes to 128 bytes, but the array's metadata makes it 256 bytes"):
         zarr_sync.read(array.metadata, array.store_path, (1,))
     np.testing.assert_array_equal(zarr_sync.read(array.metadata, array.store_path, (0,)), array[0])
 
@@ -143,3 +143,29 @@ def test_open_takes_the_root_from_consolidated_metadata_without_zarrs_event_loop
     assert calls == []  # consolidated Zarr v3: parsed by zarr's GroupMetadata, no open_group
     xr.testing.assert_identical(attnformat.open(v2).load(), expected)
     assert len(calls) == 1  # Zarr v2 goes through zarr.open_group
+
+
+def test_a_truncated_chunk_is_an_error_not_garbage(tmp_path):
+    # A Blosc frame cut short still declares its full size; decoding it would read past its end.
+    array = _array(tmp_path, "blosc-byte-shuffle (default)", shape=(2, 64, 64), chunks=(1, 64, 64))
+    chunk = array.store_path.store.root / "c/1/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    with pytest.raises(attnformat.UnreadableFileError, match=r"c/1/0/0: chunk is not a whole Blosc frame \(cut short\?\)"):
+        zarr_sync.read(array.metadata, array.store_path, (1,))
+
+
+def test_the_cli_names_a_damaged_chunk_and_exits_2(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from attnformat.examples import example_path
+
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(example_path("dense"), path)
+    chunk = path / "encoder/self/weights/c/0/2/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    result = subprocess.run([sys.executable, "-m", "attnformat", "validate", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "encoder/self/weights/c/0/2/0/0: chunk is not a whole Blosc frame" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
