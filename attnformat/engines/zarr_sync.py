@@ -270,7 +270,12 @@ def _decode_chunk(metadata, store_path, coords: tuple[int, ...]) -> np.ndarray:
     for codec in array_codecs:
         specs.append(spec)
         spec = codec.resolve_metadata(spec)
+    from zarr.codecs import BloscCodec
+
     for codec in reversed(compressors):
+        if isinstance(codec, BloscCodec) and _blosc_decoded_size(encoded.as_numpy_array()) < 0:
+            where = os.path.join(store_path.store.root, store_path.path) if hasattr(store_path.store, "root") else str(store_path)
+            raise UnreadableFileError(f"{where}/{metadata.encode_chunk_key(coords)}: chunk is not a whole Blosc frame (cut short?); the store is damaged")
         encoded = codec._decode_sync(encoded, spec)
     decoded = bytes_codec._decode_sync(encoded, spec)
     for codec, codec_spec in zip(reversed(array_codecs), reversed(specs)):
