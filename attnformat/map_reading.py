@@ -73,7 +73,7 @@ def _check_selection(path, site_path, data: xr.DataArray, selection: dict) -> No
 
 
 def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
-    """Node path -> {"kind", "dims", "attrs", "dtype", "raw"} from a Zarr v3 store's consolidated
+    """Node path -> {"kind", "dims", "attrs", "raw"} from a Zarr v3 store's consolidated
     metadata, or None (no such metadata, or it names a pickle codec: the general path refuses
     such stores and explains)."""
     try:
@@ -104,7 +104,7 @@ def _parse_consolidated(text: str) -> dict[str, dict] | None:
         if meta.get("node_type") == "group":
             nodes[name] = {"kind": "group", "attrs": meta.get("attributes", {})}
         else:
-            nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "dtype": meta.get("data_type"), "raw": meta}
+            nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "raw": meta}
     return nodes
 
 
@@ -122,6 +122,7 @@ def _read_directly(path: Path, site: str | None, variable: str, selection: dict)
     from zarr.storage import LocalStore, StorePath
 
     from attnformat.engines import zarr_sync
+    from attnformat.engines.zarr import CF_ENCODING_ATTRS
 
     if not path.is_dir() or engine_name_for_path(path) != "zarr":
         return None
@@ -138,7 +139,7 @@ def _read_directly(path: Path, site: str | None, variable: str, selection: dict)
     if site not in sites or target is None or target["kind"] != "array" or not target.get("dims"):
         return None
     arrays = {name.rpartition("/")[2]: node for name, node in nodes.items() if node["kind"] == "array" and name.rpartition("/")[0] == site}
-    if any(key in node["attrs"] for node in arrays.values() for key in ("scale_factor", "add_offset", "_Unsigned", "dtype", "calendar")):
+    if any(key in node["attrs"] for node in arrays.values() for key in CF_ENCODING_ATTRS):
         return None
 
     dims = tuple(target["dims"])

@@ -28,7 +28,7 @@ from attnformat.engines import zarr_sync
 from attnformat.errors import BrokenStoreError, UnreadableFileError
 
 # Attributes that ask for CF decoding; a file carrying any of them takes xarray's own path.
-_CF_ENCODING_ATTRS = ("scale_factor", "add_offset", "_Unsigned", "calendar", "dtype", "missing_value")
+CF_ENCODING_ATTRS = ("scale_factor", "add_offset", "_Unsigned", "calendar", "dtype", "missing_value")
 # Coordinates up to this many elements are read at open time (labels, masks, edge indices).
 _EAGER_COORD_ELEMENTS = 1 << 22
 
@@ -58,14 +58,14 @@ class _LazyZarrArray(BackendArray):
     def _read(self, key):
         fancy = any(isinstance(k, np.ndarray) for k in key)
         if self._direct and not fancy:
-            return _as_object_strings(zarr_sync.read(self.array.metadata, self.array.store_path, key))
+            return zarr_sync.as_object_strings(zarr_sync.read(self.array.metadata, self.array.store_path, key))
         if self._spec is not None:
             if self._tensorstore is None:
                 self._tensorstore = open_tensorstore(self._spec).result()
             view = self._tensorstore.oindex[key] if fancy else self._tensorstore[key]
             return view.read().result()
         values = self.array.oindex[key] if fancy else self.array[key]
-        return _as_object_strings(np.asarray(values))
+        return zarr_sync.as_object_strings(np.asarray(values))
 
 
 _CONTEXT = []
@@ -90,29 +90,6 @@ def tensorstore_spec(array: zarr.Array, directory: Path) -> dict | None:
         return None  # TensorStore has no string type
     driver = "zarr3" if array.metadata.zarr_format == 3 else "zarr"
     return {"driver": driver, "kvstore": {"driver": "file", "path": str(directory / array.path)}}
-
-
-def read_strings(store_path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """Read several (small) arrays of a local store in one round trip through zarr's event loop;
-    strings come back as Python strings (object dtype)."""
-    import asyncio
-
-    import zarr.api.asynchronous as zarr_async
-    from zarr.core.sync import sync
-
-    async def read_all():
-        arrays = await asyncio.gather(*(zarr_async.open_array(store=str(store_path / name), mode="r") for name in names))
-        return await asyncio.gather(*(array.getitem(...) for array in arrays))
-
-    return {name: _as_object_strings(np.asarray(values)) for name, values in zip(names, sync(read_all()))}
-
-
-def _as_object_strings(values: np.ndarray) -> np.ndarray:
-    # zarr 3 hands variable-length strings back as numpy StringDType, h5netcdf as object; one
-    # dtype for both keeps trees from either engine identical.
-    if values.dtype.kind in ("T", "U"):
-        return values.astype(object)
-    return values
 
 
 def _dimension_names(array: zarr.Array, where: str) -> tuple[str, ...]:
@@ -224,7 +201,7 @@ def _zip_metadata(path: Path):
 
 def _needs_cf_decoding(array: zarr.Array) -> bool:
     attrs = array.attrs
-    if any(name in attrs for name in _CF_ENCODING_ATTRS):
+    if any(name in attrs for name in CF_ENCODING_ATTRS):
         return True
     units = attrs.get("units")
     if isinstance(units, str) and " since " in units:
@@ -345,7 +322,7 @@ def _read_eagerly(arrays: dict[str, zarr.Array], directory: Path | None) -> dict
         # them through their async side gathers every read into one trip to zarr's event loop.
         return await asyncio.gather(*(array._async_array.getitem(...) for array in remaining.values()))
 
-    loaded.update({key: _as_object_strings(np.asarray(values)) for key, values in zip(remaining, sync(read_all()))})
+    loaded.update({key: zarr_sync.as_object_strings(np.asarray(values)) for key, values in zip(remaining, sync(read_all()))})
     return {key: loaded[key] for key in arrays}
 
 

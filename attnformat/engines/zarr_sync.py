@@ -147,7 +147,7 @@ def read(metadata, store_path, selection: tuple = ()) -> np.ndarray:
             return  # decoded in place: no temporary chunk, no copy
         region[tuple(target)] = _decode_chunk(metadata, store_path, coords)[tuple(inside)]
 
-    if len(chunk_coords) > 1 and region.nbytes >= 1 << 20:  # tiles of a large map: side by side
+    if len(chunk_coords) > 1 and region.nbytes >= 1 << 20:  # strips of a large map: side by side
         list(_pool().map(fill, chunk_coords))
     else:
         for coords in chunk_coords:
@@ -166,7 +166,21 @@ def read_all(metadata, store_path) -> np.ndarray:
     >>> read_all(labels.metadata, labels.store_path).tolist()
     ['[CLS]', 'hello']
     """
-    values = read(metadata, store_path)
+    return as_object_strings(read(metadata, store_path))
+
+
+def as_object_strings(values: np.ndarray) -> np.ndarray:
+    """Strings as Python ``str`` objects (object dtype); any other array unchanged.
+
+    zarr 3 hands variable-length strings back as numpy's StringDType, h5netcdf as objects; one
+    dtype for both keeps trees from either engine identical.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> as_object_strings(np.array(["a", "bc"])).dtype, as_object_strings(np.arange(2)).dtype
+    (dtype('O'), dtype('int64'))
+    """
     return values.astype(object) if values.dtype.kind in "TU" else values
 
 
