@@ -24,6 +24,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_format.py
 	$(BIN)/python benchmarks/bench_capture.py
 	$(BIN)/python benchmarks/bench_viewer.py
+	$(BIN)/python benchmarks/bench_checksums.py
+	$(BIN)/python benchmarks/bench_corruption.py
+	$(BIN)/python benchmarks/bench_footprint.py
 
 clean:
 	rm -rf $(VENV) out

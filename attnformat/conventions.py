@@ -8,7 +8,7 @@ name twice.
 from __future__ import annotations
 
 FORMAT_NAME = "attnformat"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
 
 #: Canonical order of the attention dimensions. Attention variables use a subset, in this order.
 ATTENTION_DIMS = ("step", "sample", "layer", "head", "time", "node", "query", "key", "edge")
@@ -44,6 +44,50 @@ EDGE_COORDS = ("source", "target")
 #: are cut into strips of whole rows of at most this many elements, which readers decode side by
 #: side, each straight into its place in the result.
 MAX_MAP_CHUNK_ELEMENTS = 1024 * 1024
+
+# -- bounds of ATTN-STORE-006 -------------------------------------------------------------------
+# A file is hostile until screened: readers check every size it declares against these bounds
+# before allocating anything, so that a few kilobytes of crafted metadata cannot make a reader
+# allocate gigabytes, inflate a zip bomb, or walk a graph without end. Each bound is far above
+# what any real attention capture needs (see the spec's rationale for ATTN-STORE-006).
+
+#: One metadata document (``zarr.json``, ``.zarray``, ``.zattrs``, consolidated metadata, one
+#: HDF5 attribute): real files hold a few kilobytes, the largest label lists a few megabytes.
+MAX_METADATA_DOCUMENT_BYTES = 16 * 1024 * 1024
+#: All metadata documents of one file together: bounds what the screen reads and parses.
+MAX_METADATA_TOTAL_BYTES = 64 * 1024 * 1024
+#: Dimensions of one array: attention uses at most 9 (ATTENTION_DIMS) plus auxiliary ones, and
+#: numpy itself stops at 64; a bound keeps shape products and chunk grids small to compute.
+MAX_DIMENSIONS = 32
+#: Decoded bytes of one chunk: the writer's chunks hold at most 4 MiB (MAX_MAP_CHUNK_ELEMENTS of
+#: float32); 256 MiB leaves room for other writers and is what a reader may allocate per chunk.
+MAX_CHUNK_BYTES = 256 * 1024 * 1024
+#: Inflated size over compressed size of one zip entry. Deflate cannot exceed 1032:1 (so every
+#: deflated entry, even of zeros, passes); a bzip2 or LZMA entry claiming more is a bomb. Not
+#: applied to chunks: zstd shrinks a chunk of zeros 10,000-fold, and a chunk's decoded size is
+#: already held to exactly its declared size (ATTN-STORE-005) and to MAX_CHUNK_BYTES.
+MAX_COMPRESSION_RATIO = 1100
+#: Inflated bytes of one zip entry (a metadata document, a chunk or a shard of chunks): entries
+#: are also held to the size their zip header declares, which a bomb understates.
+MAX_ZIP_ENTRY_BYTES = 1024 * 1024 * 1024
+#: Nesting of groups: trees are a root, a few model parts and the sites; 64 stops a deep or
+#: cyclic (HDF5 hard-link) hierarchy from exhausting the stack or looping.
+MAX_GROUP_DEPTH = 64
+#: Groups plus arrays in one file: a large model has a few thousand sites; a bound keeps listing
+#: and screening a store bounded in time.
+MAX_NODES = 100_000
+
+#: The bounds above by name, for messages and the spec's table.
+LIMITS = {
+    "MAX_METADATA_DOCUMENT_BYTES": MAX_METADATA_DOCUMENT_BYTES,
+    "MAX_METADATA_TOTAL_BYTES": MAX_METADATA_TOTAL_BYTES,
+    "MAX_DIMENSIONS": MAX_DIMENSIONS,
+    "MAX_CHUNK_BYTES": MAX_CHUNK_BYTES,
+    "MAX_COMPRESSION_RATIO": MAX_COMPRESSION_RATIO,
+    "MAX_ZIP_ENTRY_BYTES": MAX_ZIP_ENTRY_BYTES,
+    "MAX_GROUP_DEPTH": MAX_GROUP_DEPTH,
+    "MAX_NODES": MAX_NODES,
+}
 
 #: Row sums of softmax weights must be within this of 1 (float16 data gets the looser one).
 ROW_SUM_TOLERANCE = {"float16": 1e-2, "float32": 1e-3, "float64": 1e-6}

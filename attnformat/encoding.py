@@ -2,17 +2,21 @@
 
 Defaults (the spec's section "Storage"):
 
-* one chunk per map: every leading dimension (step, sample, layer, head, time, node) is chunked
-  by 1 and the map dimensions (query, key, or edge) are whole, so reading one head is one read;
-  maps larger than 1024 x 1024 elements are cut into strips of whole rows (at most 4 MiB of
-  float32 each): every chunk holds complete softmax rows, one query's attention is one read, and
-  a reader decodes the strips of a map side by side, each straight into its place;
+* chunks that fit the map: a map of at least MIN_MAP_CHUNK_ELEMENTS (256 KiB of float32) is
+  whole in its chunk, one chunk per map; smaller maps are grouped, heads first, then layers, then
+  the other leading dimensions (node, time, sample; never step, which grows one step at a time),
+  until a chunk reaches that size, so that 200 short texts are a few hundred files rather than
+  tens of thousands of 3 KB ones. Maps larger than 1024 x 1024 elements are cut into strips of
+  whole rows (at most 4 MiB of float32 each): every chunk holds complete softmax rows, one
+  query's attention is one read, and a reader decodes the strips of a map side by side. Either
+  way one head of one layer lies inside one chunk (or one row of strips): reading it is one read;
 * lossless compression: Blosc LZ4 with byte shuffle in Zarr (the shuffle groups the nearly
   constant sign/exponent bytes of probabilities so they compress; the mantissa bytes are close to
   random and no codec shrinks them; against bit-shuffle it decodes real attention ~20% faster and
   stores causal maps ~10% smaller, for dense maps 4-7% larger), deflate + shuffle in HDF5
   (readable by every netCDF-C build); bit-rounded variables use bit-shuffle, which lines up the
-  zeroed low mantissa bits so that they vanish;
+  zeroed low mantissa bits so that they vanish; every chunk carries a checksum (each engine's
+  policy: :mod:`attnformat.engines.zarr_encoding` for Zarr);
 * strings are variable-length UTF-8; float16 becomes float32 in HDF5 (netCDF4 has no float16).
 
 Lossy storage is never a default. ``keepbits`` rounds the mantissa to that many bits (relative
@@ -27,15 +31,39 @@ from collections.abc import Mapping
 import numcodecs
 import numpy as np
 import xarray as xr
-from zarr.codecs import BloscCodec
 
 from attnformat.conventions import LEADING_DIMS, MAX_MAP_CHUNK_ELEMENTS
 
 MAP_DIMS = ("query", "key", "edge")
+#: Smaller maps are grouped into chunks of at least this many elements (256 KiB of float32).
+#: Below ~64 KiB per chunk, per-file overhead (a 4 KiB filesystem block, an inode, a task per
+#: chunk for dask) dominates; above ~1 MiB, reading one small head decodes more than it needs.
+MIN_MAP_CHUNK_ELEMENTS = 64 * 1024  # TODO(lead): conventions
+#: The leading dimensions small maps are grouped along, in this order. Heads first: a layer's
+#: heads are computed (and written) together; step never, it grows one step at a time.
+GROUPED_DIMS = ("head", "layer", "node", "time", "sample")
 
 
-def map_chunks(dims, shape) -> tuple[int, ...]:
-    """Chunk shape for a variable: 1 along leading dimensions, whole maps, or strips of whole rows.
+def map_chunks(dims, shape, separate=()) -> tuple[int, ...]:
+    """Chunk shape for a map variable: small maps grouped, whole maps, or strips of whole rows.
+
+    A map dimension (query, key, edge) is whole unless the map has more than
+    ``MAX_MAP_CHUNK_ELEMENTS``; then the outer map dimension is cut into strips of whole rows.
+    A map smaller than ``MIN_MAP_CHUNK_ELEMENTS`` is grouped with its neighbours along
+    ``GROUPED_DIMS`` (heads, then layers, then node, time, sample) until the chunk reaches that
+    size, taking a divisor of the dimension where one fits so that chunks are equal. One map
+    always lies inside one chunk (or one row of strips). Dimensions in ``separate`` (those a
+    streaming writer writes one entry at a time) are grouped last, so that a chunk is, where it
+    can be, what one write covers, and writes need not merge into chunks written before.
+
+    Parameters
+    ----------
+    dims
+        Dimension names of the variable, in its order.
+    shape
+        Its sizes (0 for a dimension that grows later: it is chunked by 1).
+    separate
+        Leading dimensions that are written one entry at a time (grouped last).
 
     Examples
     --------
@@ -43,7 +71,14 @@ def map_chunks(dims, shape) -> tuple[int, ...]:
     (1, 1, 512, 512)
     >>> map_chunks(("head", "query", "key"), (2, 4096, 4096))
     (1, 256, 4096)
+    >>> map_chunks(("layer", "head", "query", "key"), (6, 12, 128, 128))
+    (1, 4, 128, 128)
+    >>> map_chunks(("sample", "layer", "head", "query", "key"), (200, 6, 12, 12, 12))
+    (8, 6, 12, 12, 12)
+    >>> map_chunks(("sample", "layer", "head", "query", "key"), (200, 6, 12, 12, 12), separate=("layer",))
+    (40, 1, 12, 12, 12)
     """
+    dims, shape = tuple(dims), tuple(int(size) for size in shape)
     chunks = [1 if dim in LEADING_DIMS else max(1, size) for dim, size in zip(dims, shape)]
     # Map dimensions from the innermost out: each takes what the chunk budget leaves, so rows
     # (the softmax axis) stay whole and only the outer map dimension is cut.
@@ -52,7 +87,27 @@ def map_chunks(dims, shape) -> tuple[int, ...]:
         if dims[position] in MAP_DIMS:
             chunks[position] = max(1, min(shape[position], budget))
             budget = max(1, budget // chunks[position])
+    elements = int(np.prod(chunks))
+    order = [dim for dim in GROUPED_DIMS if dim not in separate] + [dim for dim in GROUPED_DIMS if dim in separate]
+    for dim in order:
+        if elements >= MIN_MAP_CHUNK_ELEMENTS:
+            break
+        if dim not in dims or shape[dims.index(dim)] <= 1:
+            continue
+        position = dims.index(dim)
+        need = -(-MIN_MAP_CHUNK_ELEMENTS // elements)
+        chunks[position] = _group_size(shape[position], need, MAX_MAP_CHUNK_ELEMENTS // elements)
+        elements *= chunks[position]
     return tuple(chunks)
+
+
+def _group_size(size: int, need: int, limit: int) -> int:
+    """How many entries of a dimension of ``size`` to group: all if ``need`` or fewer, else the
+    smallest divisor of ``size`` from ``need`` on (equal chunks) unless it exceeds ``limit``."""
+    if size <= need:
+        return size
+    divisor = next(d for d in range(need, size + 1) if size % d == 0)
+    return divisor if divisor <= limit else need
 
 
 def is_map(dims) -> bool:
@@ -66,23 +121,6 @@ def is_map(dims) -> bool:
     return any(dim in MAP_DIMS for dim in dims)
 
 
-def zarr_compressors(zarr_format: int, bit_rounded: bool = False):
-    """The default compressor for a Zarr format, as the encoding expects it.
-
-    Byte shuffle for lossless data; bit-shuffle for bit-rounded data, whose zeroed low mantissa
-    bits only line up (and compress away) when bits, not bytes, are regrouped.
-
-    Examples
-    --------
-    >>> zarr_compressors(3)["compressors"][0].shuffle.value, zarr_compressors(3, bit_rounded=True)["compressors"][0].shuffle.value
-    ('shuffle', 'bitshuffle')
-    """
-    if zarr_format == 2:
-        shuffle = numcodecs.Blosc.BITSHUFFLE if bit_rounded else numcodecs.Blosc.SHUFFLE
-        return {"compressors": [numcodecs.Blosc(cname="lz4", clevel=5, shuffle=shuffle)]}
-    return {"compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle" if bit_rounded else "shuffle")]}
-
-
 def variable_encoding(variable: xr.Variable, engine: str, zarr_format: int = 3) -> dict:
     """Encoding dict for one variable on one engine (chunks and compression).
 
@@ -91,19 +129,17 @@ def variable_encoding(variable: xr.Variable, engine: str, zarr_format: int = 3) 
     >>> import numpy as np, xarray as xr
     >>> weights = xr.Variable(("head", "query", "key"), np.zeros((2, 4, 4), "float32"))
     >>> variable_encoding(weights, "hdf5")["chunksizes"]
-    (1, 4, 4)
+    (2, 4, 4)
     """
+    if engine != "hdf5":
+        from attnformat.engines.zarr_encoding import zarr_variable_encoding
+
+        return zarr_variable_encoding(variable, zarr_format)
     if variable.dtype.kind in "OUT" or variable.ndim == 0:
         return {}
-    chunks = map_chunks(variable.dims, variable.shape) if is_map(variable.dims) else None
-    if engine == "hdf5":
-        encoding = {"zlib": True, "complevel": 4, "shuffle": True}
-        if chunks:
-            encoding["chunksizes"] = chunks
-        return encoding
-    encoding = dict(zarr_compressors(zarr_format, bit_rounded="lossy_keepbits" in variable.attrs))
-    if chunks:
-        encoding["chunks"] = chunks
+    encoding = {"zlib": True, "complevel": 4, "shuffle": True}
+    if is_map(variable.dims):
+        encoding["chunksizes"] = map_chunks(variable.dims, variable.shape)
     return encoding
 
 

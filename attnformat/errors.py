@@ -52,3 +52,25 @@ class BrokenStoreError(UnreadableFileError):
         super().__init__(message)
         self.rule_id = rule_id
         self.location = location
+
+
+class MissingDependencyError(AttnFormatError, ImportError):
+    """An optional package that this operation needs is not installed.
+
+    ``extra`` names the attnformat extra that installs it (``pip install 'attnformat[remote]'``);
+    the command line exits 3 for this error.
+    """
+
+    def __init__(self, message: str, extra: str | None = None):
+        hint = f"; install it with: pip install 'attnformat[{extra}]'" if extra else ""
+        super().__init__(message + hint)
+        self.extra = extra
+
+
+class StoreLockedError(WriterError):
+    """Another writer holds the destination (its lock is taken); nothing was changed."""
+
+
+class WriteFailedError(AttnFormatError, OSError):
+    """Writing failed (a full disk, no permission); the message names the path. Nothing that
+    was already written is lost, and no partial file is marked complete."""

@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 import xarray as xr
 
 from attnformat.conventions import ROOT_COMPLETENESS, is_site
-from attnformat.engines import engine_for
-from attnformat.errors import SelectionError, UnreadableFileError
+from attnformat.engines import Location, engine_for
+from attnformat.errors import AttnFormatError, SelectionError, UnreadableFileError
 
 
-def open(path: str | os.PathLike) -> xr.DataTree:  # noqa: A001 - the public name mirrors xarray's open_*
+def open(  # noqa: A001 - the public name mirrors xarray's open_*
+    source: str | os.PathLike | Location,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> xr.DataTree:
     """Open an attention file (a path or a URL) as a lazy, read-only :class:`xarray.DataTree`.
 
     Nothing but metadata and small coordinates (labels, masks, edge indices) is read until a
     variable's values are asked for; selecting one head and calling ``.values`` reads the one
     chunk that holds it. Works on ``.zarr`` directories (Zarr v3 or v2), ``.zarr.zip`` archives
-    and netCDF4/HDF5 files (``.h5``, ``.nc``). URLs (``https://``, ``s3://``, ``gs://``...) of
-    Zarr stores and HDF5 files are read through fsspec (``pip install 'attnformat[remote]'``);
-    Zarr stores should then have consolidated metadata, which attnformat always writes. The file's
-    path is kept in ``tree.encoding["source"]`` so that later messages can name it.
+    and netCDF4/HDF5 files (``.h5``, ``.nc``), local or behind a URL (``https://``, ``s3://``,
+    ``gs://``..., read through fsspec: ``pip install 'attnformat[remote]'``). Every road goes
+    through the file's engine, which screens the file before any storage library parses it, so a
+    URL gives the same tree (dtypes, values, refusals) as a local copy. Zarr stores behind a URL
+    should have consolidated metadata, which attnformat always writes.
+
+    The location is kept in ``tree.encoding["source"]`` (its text, for messages) and
+    ``tree.encoding["location"]`` (a :class:`attnformat.engines.Location`, options included).
 
     Parameters
     ----------
-    path
+    source
         The file or directory to open, or its URL.
+    storage_options
+        fsspec options for URLs, e.g. ``{"endpoint_url": "http://127.0.0.1:9000"}`` for an
+        S3-compatible server, ``{"anon": True}`` for a public bucket. Without an endpoint,
+        ``s3://`` URLs honour ``AWS_ENDPOINT_URL_S3`` and ``AWS_ENDPOINT_URL``.
 
     Returns
     -------
@@ -35,7 +48,10 @@ def open(path: str | os.PathLike) -> xr.DataTree:  # noqa: A001 - the public nam
     Raises
     ------
     attnformat.errors.UnreadableFileError
-        If the path does not exist or is not a store attnformat reads.
+        If the path does not exist, is not a store attnformat reads, or is unsafe or damaged
+        (:class:`~attnformat.errors.BrokenStoreError` then names the ATTN-STORE rule).
+    attnformat.errors.MissingDependencyError
+        If a URL needs fsspec or a protocol package (s3fs...) that is not installed.
 
     Examples
     --------
@@ -44,42 +60,21 @@ def open(path: str | os.PathLike) -> xr.DataTree:  # noqa: A001 - the public nam
     >>> tree["encoder/self"]["weights"].sel(layer=0, head=1).shape
     (6, 6)
     """
-    text = os.fspath(path)
-    if "://" in text and not text.startswith("file://"):
-        tree = _open_url(text)
-    else:
-        path = Path(text.removeprefix("file://"))
-        if not path.exists():
-            raise UnreadableFileError(f"{path}: no such file or directory")
-        tree = engine_for(path, must_exist=True).open_tree(path)
-    tree.encoding = {**tree.encoding, "source": text}
-    return tree
-
-
-def _open_url(url: str) -> xr.DataTree:
-    from attnformat.engines.common import engine_name_for_path
-
-    name = engine_name_for_path(url.split("?", 1)[0])
+    location = Location.of(source, storage_options)
+    if not location.is_url and not location.path.exists():
+        raise UnreadableFileError(f"{location}: no such file or directory")
+    engine = engine_for(location, must_exist=not location.is_url)
     try:
-        import fsspec
-    except ImportError as error:
-        raise UnreadableFileError(f"{url}: reading URLs needs fsspec: pip install 'attnformat[remote]'") from error
-    try:
-        if name == "zarr":
-            from attnformat.engines.zarr import ZarrEngine
-            from zarr.storage import FsspecStore
-
-            return ZarrEngine()._open_store(FsspecStore.from_url(url, read_only=True), url)
-        if name == "hdf5":
-            handle = fsspec.open(url, mode="rb").open()
-            tree = xr.open_datatree(handle, engine="h5netcdf", chunks=None)
-            tree.set_close(handle.close)
-            return tree
-    except UnreadableFileError:
+        tree = engine.open_tree(location)
+    except AttnFormatError:
         raise
-    except Exception as error:  # network and protocol errors come in many classes
-        raise UnreadableFileError(f"{url}: cannot read ({type(error).__name__}: {error})") from error
-    raise UnreadableFileError(f"{url}: zip archives are read from local paths only; download it first")
+    except Exception as error:
+        if not location.is_url:
+            raise
+        # Network and protocol errors come in many classes (aiohttp, botocore, fsspec...).
+        raise UnreadableFileError(f"{location}: cannot read ({type(error).__name__}: {error})") from error
+    tree.encoding = {**tree.encoding, "source": location.text, "location": location}
+    return tree
 
 
 def source_of(tree: xr.DataTree) -> str:

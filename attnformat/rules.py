@@ -13,12 +13,19 @@ class Rule:
     id: str
     level: str  # "MUST" or "SHOULD"
     summary: str
+    #: True for rules whose breach means the file is damaged or hostile (not merely written
+    #: against the spec): readers refuse such files, and ``attnformat validate`` exits 2 for them.
+    damage: bool = False
 
 
 _RULES = [
     Rule("ATTN-STORE-001", "MUST", "Every stored array names its dimensions (Zarr v3 dimension_names, Zarr v2 _ARRAY_DIMENSIONS, netCDF dimensions)."),
     Rule("ATTN-STORE-002", "MUST", "Arrays of one group agree on the size of each dimension they share (e.g. `query_label` has one entry per query)."),
-    Rule("ATTN-STORE-003", "MUST", "No array uses a pickle codec or filter: reading a file never runs code stored in it."),
+    Rule("ATTN-STORE-003", "MUST", "No array uses a pickle codec, filter, compressor or object codec, at any depth: reading a file never runs code stored in it.", damage=True),
+    Rule("ATTN-STORE-004", "MUST", "A file never refers to data outside itself: no external storage, virtual datasets, external or soft links, symbolic links, device files, FIFOs or sockets.", damage=True),
+    Rule("ATTN-STORE-005", "MUST", "Every stored chunk decodes to exactly the size its array declares and matches its checksum where one is stored.", damage=True),
+    Rule("ATTN-STORE-006", "MUST", "Declared sizes stay within the bounds of the spec (metadata size, dimensions, chunk size, compression ratio, depth, node count).", damage=True),
+    Rule("ATTN-STORE-007", "MUST", "A file whose `completeness` is \"complete\" stores every chunk of every attention variable.", damage=True),
     Rule("ATTN-ROOT-001", "MUST", "The root attribute `attnformat` is the string \"attnformat\"."),
     Rule("ATTN-ROOT-002", "MUST", "The root attribute `attnformat_version` is a MAJOR.MINOR.PATCH string with major version 1."),
     Rule("ATTN-ROOT-003", "MUST", "The root attribute `producer` is a non-empty string."),
@@ -26,6 +33,7 @@ _RULES = [
     Rule("ATTN-ROOT-005", "MUST", "The file holds at least one attention site."),
     Rule("ATTN-ROOT-006", "MUST", "`model_name`, `model_framework`, `model_adapter` and `description`, where present, are strings."),
     Rule("ATTN-ROOT-007", "SHOULD", "`model_name` and `model_framework` are present."),
+    Rule("ATTN-ROOT-008", "SHOULD", "`completeness` is \"complete\": an incomplete file (a run that stopped early) is readable but gets a warning."),
     Rule("ATTN-SITE-001", "MUST", "A site's `layout` is \"dense\" or \"edge\"."),
     Rule("ATTN-SITE-002", "MUST", "A site has `normalization`: \"softmax\", \"sparsemax\", \"sigmoid\" or \"other\"."),
     Rule("ATTN-SITE-003", "MUST", "A softmax or sparsemax site has `normalized_dim`: \"key\" or \"query\"."),
@@ -64,6 +72,10 @@ _RULES = [
 RULES: dict[str, Rule] = {rule.id: rule for rule in _RULES}
 
 
+#: Ids of the rules whose breach means damage or hostility (``Rule.damage``).
+DAMAGE_RULES: frozenset[str] = frozenset(r.id for r in _RULES if r.damage)
+
+
 def rule(rule_id: str) -> Rule:
     """Look up a rule by id.
 
@@ -71,5 +83,7 @@ def rule(rule_id: str) -> Rule:
     --------
     >>> rule("ATTN-SITE-001").level
     'MUST'
+    >>> rule("ATTN-STORE-005").damage, rule("ATTN-SITE-001").damage
+    (True, False)
     """
     return RULES[rule_id]

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import xarray as xr
 
-from attnformat.encoding import apply_keepbits, prepare_for_engine, tree_encoding
-from attnformat.engines import engine_for, engine_name_for_path
-from attnformat.errors import AttnFormatError, NonConformingError, UnreadableFileError
+from attnformat.encoding import apply_keepbits
+from attnformat.engines import Location, engine_for
+from attnformat.engines.placement import move_into_place
+from attnformat.errors import AttnFormatError, NonConformingError, WriteFailedError
+
 
 
 def save(
@@ -64,7 +65,7 @@ def save(
     from attnformat.validation import validate
 
     path = Path(path)
-    engine_name = engine_name_for_path(path)
+    engine = engine_for(path)
     if check != "none":
         report = validate(tree, check_values=(check == "full"))
         if not report.ok:
@@ -75,51 +76,135 @@ def save(
         raise AttnFormatError(f"{path}: zarr_format must be 2 or 3, not {zarr_format!r}")
     if keepbits:
         tree = apply_keepbits(tree, keepbits)
-    tree = prepare_for_engine(tree, engine_name)
-    encoding = tree_encoding(tree, engine_name, zarr_format)
-    engine = engine_for(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
-        staged = Path(scratch) / path.name
-        engine.write_tree(tree, staged, encoding, zarr_format)
-        _move_into_place(staged, path)
+    tree = stored_dtypes(tree, engine)
+    encoding = {
+        node.path: per_variable
+        for node in tree.subtree
+        if (per_variable := {name: enc for name, variable in node.dataset.variables.items() if (enc := engine.variable_encoding(variable, zarr_format))})
+    }
+    tree = _chunked_like(tree, encoding)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+            staged = Path(scratch) / path.name
+            engine.write_tree(tree, staged, encoding, zarr_format)
+            move_into_place(staged, path)
+    except AttnFormatError:
+        raise
+    except OSError as error:
+        # A full disk or a missing permission: the scratch directory is gone and the old file,
+        # if any, is untouched.
+        raise WriteFailedError(f"{path}: writing failed ({error.strerror or error}); nothing was replaced") from error
     return path
 
 
-def _move_into_place(staged: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(staged, path)
-        return
-    # Keep the old copy until the new one is in place, so no failure loses both.
-    backup = path.with_name(f".{path.name}.replaced")
-    os.replace(path, backup)
-    os.replace(staged, path)
-    if backup.is_dir():
-        shutil.rmtree(backup)
-    else:
-        backup.unlink()
+def _chunked_like(tree: xr.DataTree, encoding: dict) -> xr.DataTree:
+    """Dask-backed variables (a streamed copy) rechunked to the chunks they will be stored in,
+    so that every stored chunk is written by exactly one task."""
+
+    def rechunk(dataset: xr.Dataset, path: str) -> xr.Dataset:
+        changed = {}
+        for name, variable in dataset.data_vars.items():
+            chunks = encoding.get(path, {}).get(name, {})
+            chunks = chunks.get("chunks") or chunks.get("chunksizes")
+            if variable.chunks is not None and chunks:
+                changed[name] = variable.chunk(dict(zip(variable.dims, chunks)))
+        return dataset.assign(changed) if changed else dataset
+
+    datasets = {node.path: rechunk(node.to_dataset(inherit=False), node.path) for node in tree.subtree}
+    rechunked = xr.DataTree.from_dict(datasets)
+    rechunked.encoding = dict(tree.encoding)
+    return rechunked
 
 
-def open_for_streaming(path: str | os.PathLike) -> xr.DataTree:
-    """Open ``path`` with dask arrays chunked as stored, so copies stream chunk by chunk."""
-    import zarr
+def stored_dtypes(tree: xr.DataTree, engine) -> xr.DataTree:
+    """A tree whose dtypes the engine stores as the spec says, without encodings from a read.
 
-    path = Path(path)
-    name = engine_name_for_path(path, must_exist=True)
-    if name == "hdf5":
-        tree = xr.open_datatree(str(path), engine="h5netcdf", chunks={})
-    else:
-        store = zarr.storage.ZipStore(str(path), mode="r") if name == "zarr-zip" else str(path)
-        tree = xr.open_datatree(store, engine="zarr", chunks={})
-    tree.encoding = {**tree.encoding, "source": str(path)}
-    return tree
+    Strings become variable-length (object) strings, loaded (they are small: labels); dtypes
+    the engine cannot hold change as its ``dtype_changes`` says (``{"float16": ("float32",
+    "netCDF4 has no float16")}`` in HDF5).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.engines import engine_for
+    >>> tree = stored_dtypes(attnformat.open(attnformat.example_path("dense")), engine_for("x.zarr"))
+    >>> tree["encoder/self"]["query_label"].dtype
+    dtype('O')
+    """
+    changes = getattr(engine, "dtype_changes", {})
+
+    def stored(variable: xr.Variable) -> xr.Variable:
+        if variable.dtype.kind in "OUT":
+            variable = variable.load().astype(object)
+        elif variable.dtype.name in changes:
+            variable = variable.astype(changes[variable.dtype.name][0])
+        else:
+            variable = variable.copy(deep=False)
+        variable.encoding = {}
+        return variable
+
+    def convert_dataset(dataset: xr.Dataset) -> xr.Dataset:
+        coords = {name: stored(dataset.variables[name]) for name in dataset.coords}
+        data_vars = {name: stored(dataset.variables[name]) for name in dataset.data_vars}
+        return xr.Dataset(data_vars, coords, attrs=dataset.attrs)
+
+    return tree.map_over_datasets(convert_dataset)
 
 
-def convert(source: str | os.PathLike, destination: str | os.PathLike, *, overwrite: bool = False, zarr_format: int = 3) -> list[str]:
+def for_streaming(tree: xr.DataTree) -> xr.DataTree:
+    """The same tree with attention variables as dask arrays of one map each, so a copy streams.
+
+    Each task reads one map through the engine's checked reader; memory holds a few maps.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> streamed = for_streaming(attnformat.open(attnformat.example_path("dense")))
+    >>> streamed["encoder/self"]["weights"].chunks[:2]
+    ((1, 1), (1, 1, 1, 1))
+    """
+    from attnformat.conventions import LEADING_DIMS
+
+    def chunked(dataset: xr.Dataset) -> xr.Dataset:
+        leading = {dim: 1 for dim in dataset.dims if dim in LEADING_DIMS}
+        big = [name for name, variable in dataset.data_vars.items() if any(dim in leading for dim in variable.dims)]
+        if not big:
+            return dataset
+        return dataset.assign({name: dataset[name].chunk({dim: 1 for dim in dataset[name].dims if dim in leading}) for name in big})
+
+    streamed = tree.map_over_datasets(chunked)
+    streamed.encoding = dict(tree.encoding)
+    return streamed
+
+
+def convert(
+    source: str | os.PathLike | Location,
+    destination: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    zarr_format: int = 3,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Copy an attention file to another storage, chunk by chunk; return what changed.
 
     Conversion is lossless except where the target cannot hold a dtype: float16 becomes float32
     in HDF5 (netCDF4 has no float16). The returned list says so for each variable it touched.
+    The source is screened and read through its engine (a local path or a URL), one map at a
+    time; the destination is written like :func:`save` writes (staged, then moved into place).
+
+    Parameters
+    ----------
+    source
+        Path or URL of the file to copy.
+    destination
+        Local path to write; its suffix picks the storage.
+    overwrite
+        Replace an existing destination.
+    zarr_format
+        3 (default) or 2, for Zarr destinations.
+    storage_options
+        fsspec options for a source URL.
 
     Examples
     --------
@@ -128,19 +213,18 @@ def convert(source: str | os.PathLike, destination: str | os.PathLike, *, overwr
     >>> attnformat.convert(attnformat.example_path("dense"), out)
     []
     """
-    source, destination = Path(source), Path(destination)
     from attnformat.reading import open as open_tree
 
-    open_tree(source)  # raises a clear error for an unreadable source before dask gets involved
-    try:
-        tree = open_for_streaming(source)
-    except (OSError, ValueError, KeyError) as error:
-        raise UnreadableFileError(f"{source}: {error}") from error
-    changes = []
-    if engine_name_for_path(destination) == "hdf5":
-        for node in tree.subtree:
-            for name, variable in node.dataset.variables.items():
-                if variable.dtype == np.float16:
-                    changes.append(f"{node.path.rstrip('/')}/{name}: float16 stored as float32 (netCDF4 has no float16)")
+    location = Location.of(source, storage_options)
+    destination = Path(destination)
+    tree = for_streaming(open_tree(location))  # screened and opened by the source's engine
+    target = engine_for(destination)
+    changes = [
+        f"{node.path.rstrip('/')}/{name}: {variable.dtype} stored as {target.dtype_changes[variable.dtype.name][0]} "
+        f"({target.dtype_changes[variable.dtype.name][1]})"
+        for node in tree.subtree
+        for name, variable in node.dataset.variables.items()
+        if variable.dtype.name in getattr(target, "dtype_changes", {})
+    ]
     save(tree, destination, overwrite=overwrite, zarr_format=zarr_format, check="metadata")
     return changes

@@ -6,6 +6,7 @@ import xarray as xr
 
 from attnformat.conventions import is_site
 from attnformat.reading import source_of
+from attnformat.text import for_terminal
 from attnformat.validation import _as_json
 
 
@@ -41,7 +42,10 @@ def describe(tree: xr.DataTree) -> dict:
 
 
 def format_description(info: dict) -> str:
-    """Render :func:`describe`'s output as indented text.
+    """Render :func:`describe`'s output as indented text, safe to print on a terminal.
+
+    Group, variable, dimension and attribute names and values come from the file; control
+    characters in them are shown as escapes (:func:`attnformat.text.for_terminal`).
 
     Examples
     --------
@@ -50,18 +54,20 @@ def format_description(info: dict) -> str:
     >>> "weights(layer=2, head=3, query=6, key=6) float32" in text
     True
     """
-    lines = [f"{info['source']}"]
+    # Names and values come from the file: each is shown through for_terminal (values through
+    # repr, which escapes the same characters), so that no escape sequence reaches the terminal.
+    lines = [for_terminal(info["source"])]
     for path, group in info["groups"].items():
         depth = 0 if path == "/" else path.count("/")
         pad = "  " * depth
         kind = "  [attention site]" if group["site"] else ""
-        lines.append(f"{pad}group {path}{kind}")
+        lines.append(f"{pad}group {for_terminal(path)}{kind}")
         for key, value in group["attrs"].items():
-            lines.append(f"{pad}  :{key} = {value!r}")
+            lines.append(f"{pad}  :{for_terminal(key)} = {for_terminal(repr(value))}")
         for name, variable in group["variables"].items():
-            shape = ", ".join(f"{d}={s}" for d, s in zip(variable["dims"], variable["shape"]))
+            shape = ", ".join(f"{for_terminal(d)}={s}" for d, s in zip(variable["dims"], variable["shape"]))
             marker = "coord " if variable["coordinate"] else ""
-            lines.append(f"{pad}  {marker}{name}({shape}) {variable['dtype']}")
+            lines.append(f"{pad}  {marker}{for_terminal(name)}({shape}) {for_terminal(variable['dtype'])}")
             for key, value in variable["attrs"].items():
-                lines.append(f"{pad}    {name}:{key} = {value!r}")
+                lines.append(f"{pad}    {for_terminal(name)}:{for_terminal(key)} = {for_terminal(repr(value))}")
     return "\n".join(lines)

@@ -1,14 +1,19 @@
 """Checking a file or tree against the spec: every broken rule, with its id and location.
 
-Metadata checks read attributes, dimensions and coordinates only. Value checks (``check_values``)
-stream the attention variables one map at a time, so validating a large file never holds more
-than one map in memory.
+Metadata checks read attributes, dimensions and coordinates only. Value checks stream the
+attention variables in blocks of whole rows of at most ``BLOCK_ELEMENTS`` elements, so that
+validating a file holds a bounded amount of it in memory. For a file on disk, only the chunks its
+storage actually holds are read (the engine lists them): the work is proportional to what the
+file stores, never to the sizes it declares, so a few kilobytes that declare a huge array cannot
+make validation allocate gigabytes or loop for hours. Damage the engine finds while reading
+(ATTN-STORE-*) becomes a finding, like any other broken rule.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -21,6 +26,7 @@ import xarray as xr
 
 from attnformat.conventions import (
     ATTENTION_DIMS,
+    FORMAT_VERSION,
     ATTENTION_VARIABLES,
     AUXILIARY_DIMS,
     EDGE_COORDS,
@@ -30,17 +36,23 @@ from attnformat.conventions import (
     MASK_COORDS,
     PATCH_COORDS,
     POSITION_COORDS,
+    ROOT_COMPLETENESS,
     ROW_SUM_TOLERANCE,
     is_site,
 )
-from attnformat.errors import BrokenStoreError
-from attnformat.rules import RULES
+from attnformat.engines import Location, engine_for
+from attnformat.errors import AttnFormatError, BrokenStoreError, SelectionError
+from attnformat.rules import DAMAGE_RULES, RULES
+from attnformat.text import for_terminal
 
 # Values this close to 0 count as zero weight (masking with -1e9 or -inf underflows to exactly 0,
 # but some kernels leave denormals).
 ZERO_TOLERANCE = 1e-6
 # Weights may overshoot [0, 1] by rounding this much.
 RANGE_TOLERANCE = 1e-6
+#: Value checks read blocks of at most this many elements (32 MiB as float64): whole rows of as
+#: many maps as fit, or a strip of one row when a single row is longer than this.
+BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,9 @@ class Finding:
     message: str
 
     def format(self) -> str:
-        """One line: ``ERROR ATTN-SITE-001 /encoder/self: ...``."""
-        return f"{self.level.upper():7} {self.rule_id:15} {self.location}: {self.message}"
+        """One line: ``ERROR ATTN-SITE-001 /encoder/self: ...``; names from the file are shown
+        with control characters escaped, so that the line is safe to print on a terminal."""
+        return f"{self.level.upper():7} {self.rule_id:15} {for_terminal(self.location)}: {for_terminal(self.message)}"
 
 
 @dataclass
@@ -71,8 +84,8 @@ class ValidationReport:
     --------
     >>> report = ValidationReport("x.zarr")
     >>> report.add("ATTN-ROOT-007", "/", "no 'model_name' attribute")
-    >>> report.ok, [f.level for f in report.findings], report.to_dict()["ok"]
-    (True, ['warning'], True)
+    >>> report.ok, report.damaged, [f.level for f in report.findings], report.to_dict()["ok"]
+    (True, False, ['warning'], True)
     """
 
     source: str
@@ -94,6 +107,12 @@ class ValidationReport:
         return not self.errors
 
     @property
+    def damaged(self) -> bool:
+        """True when an error is of a damage rule (ATTN-STORE-003..007): the file is damaged or
+        hostile, not merely written against the spec (``attnformat validate`` exits 2)."""
+        return any(f.rule_id in DAMAGE_RULES for f in self.errors)
+
+    @property
     def rule_ids(self) -> set[str]:
         """The ids of every rule with a finding."""
         return {f.rule_id for f in self.findings}
@@ -107,12 +126,13 @@ class ValidationReport:
         """The report as text, one finding a line, then a verdict line."""
         lines = [f.format() for f in self.findings]
         verdict = "conforms" if self.ok else "does NOT conform"
-        lines.append(f"{self.source}: {verdict} to attnformat 1.0 ({len(self.errors)} errors, {len(self.warnings)} warnings)")
+        version = ".".join(FORMAT_VERSION.split(".")[:2])
+        lines.append(f"{for_terminal(self.source)}: {verdict} to attnformat {version} ({len(self.errors)} errors, {len(self.warnings)} warnings)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """The report as JSON-ready data."""
-        return {"source": self.source, "ok": self.ok, "findings": [asdict(f) for f in self.findings]}
+        return {"source": self.source, "ok": self.ok, "damaged": self.damaged, "findings": [asdict(f) for f in self.findings]}
 
 
 def validate(source: str | os.PathLike | xr.DataTree, *, check_values: bool = True) -> ValidationReport:
@@ -156,10 +176,16 @@ def validate(source: str | os.PathLike | xr.DataTree, *, check_values: bool = Tr
             report.add(error.rule_id, error.location, str(error))
             return report
     report = ValidationReport(name)
+    storage = _Storage.of(tree)
     _check_root(tree, report)
     for node in tree.subtree:
         if is_site(node.attrs):
-            _check_site(node, report, check_values)
+            try:
+                _check_site(node, report, check_values, storage)
+            except BrokenStoreError as error:  # damage found while reading: a finding, not a crash
+                finding = Finding(error.rule_id, "error", error.location or "/", str(error))
+                if finding not in report.findings:  # one damaged node can break several sites
+                    report.add(error.rule_id, error.location, str(error))
     return report
 
 
@@ -221,12 +247,15 @@ def _check_root(tree: xr.DataTree, report: ValidationReport) -> None:
     for name in ("model_name", "model_framework"):
         if name not in tree.attrs:
             report.add("ATTN-ROOT-007", "/", f"no {name!r} attribute; say which model the attention came from")
+    if _as_json(tree.attrs.get(ROOT_COMPLETENESS)) == "incomplete":
+        report.add("ATTN-ROOT-008", "/", "completeness is 'incomplete': its writer did not finish (maps never "
+                   "written read as NaN); finish the capture, or keep in mind that parts are missing")
 
 
 # -- sites ----------------------------------------------------------------------------------------
 
 
-def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool) -> None:
+def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool, storage: _Storage | None = None) -> None:
     location = node.path
     attrs = node.attrs
     _check_attributes(attrs, "site-attributes", location, report)
@@ -257,8 +286,10 @@ def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool)
     if layout == "edge":
         _check_edges(dataset, attrs, location, report)
     _check_patches(dataset, attrs, location, report)
+    if storage is not None and _as_json(node.root.attrs.get(ROOT_COMPLETENESS)) == "complete":
+        _check_stored_chunks(dataset, location, storage, report)
     if check_values and not any(f.level == "error" and f.location.startswith(location) for f in report.findings):
-        _check_values(dataset, attrs, location, report)
+        _check_values(dataset, attrs, location, report, storage)
 
 
 def _check_attention_variable(dataset, name, layout, attrs, location, report) -> None:
@@ -355,10 +386,14 @@ def _check_edges(dataset: xr.Dataset, attrs, location: str, report: ValidationRe
         return
     size = dataset.sizes[node_dim]
     for name in EDGE_COORDS:
-        values = np.asarray(dataset[name].values)
-        bad = (values < 0) | (values >= size)
-        if bad.any():
-            report.add("ATTN-EDGE-003", f"{location.rstrip('/')}/{name}", f"{int(bad.sum())} indices outside [0, {size}) (first: {int(values[bad][0])})")
+        count, first = 0, None
+        for values in _in_blocks(dataset.variables[name]):
+            bad = (values < 0) | (values >= size)
+            count += int(np.count_nonzero(bad))
+            if first is None and count:
+                first = int(values[bad][0])
+        if count:
+            report.add("ATTN-EDGE-003", f"{location.rstrip('/')}/{name}", f"{count} indices outside [0, {size}) (first: {first})")
 
 
 def _check_patches(dataset: xr.Dataset, attrs, location: str, report: ValidationReport) -> None:
@@ -374,9 +409,103 @@ def _check_patches(dataset: xr.Dataset, attrs, location: str, report: Validation
     for name in names:
         values = dataset.variables[name]
         limit = grid[0] if name.endswith("_row") else grid[1]
-        data = np.asarray(values.values)
-        if values.dtype.kind not in "iu" or np.any((data < -1) | (data >= limit)):
+        if values.dtype.kind not in "iu" or any(np.any((data < -1) | (data >= limit)) for data in _in_blocks(values)):
             report.add("ATTN-IMG-002", f"{location.rstrip('/')}/{name}", f"must be integers in [-1, {limit})")
+
+
+def _in_blocks(variable: xr.Variable):
+    """The values of a coordinate, in blocks of at most ``BLOCK_ELEMENTS`` along its first
+    dimension (a long lazy coordinate is never read at once)."""
+    if variable.ndim == 0 or variable.size <= BLOCK_ELEMENTS:
+        yield np.asarray(variable.values)
+        return
+    step = max(1, BLOCK_ELEMENTS // max(1, variable.size // variable.shape[0]))
+    for start in range(0, variable.shape[0], step):
+        yield np.asarray(variable[start:start + step].values)
+
+
+# -- storage --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Storage:
+    """Where a tree opened from a file is stored, to ask its engine which chunks an array holds."""
+
+    location: Location
+    engine: object
+    listings: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, tree: xr.DataTree) -> _Storage | None:
+        """The storage of a tree opened from a file; None for a tree built in memory."""
+        encoding = tree.root.encoding
+        location = encoding.get("location")
+        if location is None and "source" in encoding:
+            location = Location.of(encoding["source"])
+        if location is None:
+            return None
+        try:
+            engine = engine_for(location)
+        except AttnFormatError:
+            return None
+        return cls(location, engine)
+
+    def listing(self, variable_path: str):
+        """``(chunk_shape, stored chunk indices)`` of one array, or None if the engine cannot list it."""
+        if variable_path not in self.listings:
+            try:
+                chunk_shape, stored = self.engine.stored_chunks(self.location, variable_path)
+            except (NotImplementedError, SelectionError):  # the engine cannot list it: read it as declared
+                self.listings[variable_path] = None
+            else:
+                self.listings[variable_path] = (tuple(int(c) for c in chunk_shape), stored)
+        return self.listings[variable_path]
+
+
+def _chunk_grid(shape, chunk_shape) -> tuple[int, ...]:
+    """Chunks along each dimension, computed from the declared sizes (never by enumerating)."""
+    return tuple(math.ceil(size / max(1, chunk)) for size, chunk in zip(shape, chunk_shape))
+
+
+def _stored_within(stored, grid) -> set[tuple[int, ...]]:
+    """The stored chunk indices that lie inside the array's grid (no duplicates)."""
+    return {tuple(int(i) for i in index) for index in stored
+            if len(index) == len(grid) and all(0 <= int(i) < g for i, g in zip(index, grid))}
+
+
+def _first_missing(grid, held: set) -> tuple[int, ...] | None:
+    # Among the first len(held) + 1 indices in order, at least one is missing: bounded by what is stored.
+    for index in itertools.islice(itertools.product(*(range(g) for g in grid)), len(held) + 1):
+        if index not in held:
+            return index
+    return None
+
+
+def _check_stored_chunks(dataset: xr.Dataset, location: str, storage: _Storage, report: ValidationReport) -> None:
+    """ATTN-STORE-007: a complete file stores every chunk of every attention variable."""
+    for name in ATTENTION_VARIABLES:
+        if name not in dataset.data_vars:
+            continue
+        where = f"{location.rstrip('/')}/{name}"
+        listing = storage.listing(where.lstrip("/"))
+        if listing is None:
+            continue
+        variable = dataset[name]
+        chunk_shape, stored = listing
+        if len(chunk_shape) != variable.ndim:
+            continue
+        grid = _chunk_grid(variable.shape, chunk_shape)
+        declared = math.prod(grid)
+        held = _stored_within(stored, grid)
+        missing = declared - len(held)
+        if missing > 0:
+            first = _first_missing(grid, held)
+            region = ", ".join(f"{dim}={index * chunk}..{min((index + 1) * chunk, size) - 1}"
+                               for dim, index, chunk, size in zip(variable.dims, first, chunk_shape, variable.shape))
+            report.add("ATTN-STORE-007", where,
+                       f"the file says it is complete, but {missing} of {declared} chunks are not stored "
+                       f"(first missing: chunk {'/'.join(map(str, first))}, {region}); the file was cut short or "
+                       f"damaged: write it again, or set completeness to 'incomplete' if maps are missing on purpose")
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -393,12 +522,118 @@ def _tolerance(variable: xr.DataArray) -> float:
     return tolerance
 
 
-def _maps(variable: xr.DataArray):
-    """Yield (selection, numpy map) one map at a time over the leading dimensions."""
-    leading = [d for d in variable.dims if d in LEADING_DIMS]
-    for index in itertools.product(*(range(variable.sizes[d]) for d in leading)):
-        selection = dict(zip(leading, index))
-        yield selection, np.asarray(variable.isel(selection).values, dtype=np.float64)
+@dataclass
+class _RowBlock:
+    """Whole rows (along ``axis``) of an array, read in ``pieces`` along the axis.
+
+    ``rows`` holds one (start, stop) per dimension other than ``axis``; ``pieces`` are the
+    (start, stop) spans of ``axis`` to read, one piece unless a row is longer than the block size
+    or only some of its chunks are stored; ``complete`` says whether the pieces cover the rows.
+    """
+
+    dims: tuple
+    axis: int
+    rows: list
+    pieces: list
+    complete: bool
+
+    def region(self, piece) -> dict:
+        """``{dim: slice}`` of one piece, for ``isel``."""
+        spans = list(self.rows)
+        spans.insert(self.axis, piece)
+        return {dim: slice(start, stop) for dim, (start, stop) in zip(self.dims, spans)}
+
+    def row_starts(self) -> dict:
+        """Start of the block along every dimension but the axis."""
+        dims = [d for i, d in enumerate(self.dims) if i != self.axis]
+        return {dim: start for dim, (start, _) in zip(dims, self.rows)}
+
+
+def _split_rows(region: list, budget: int):
+    """Cut a box of rows ((start, stop) per dimension) into boxes of at most ``budget`` rows."""
+    extents = [stop - start for start, stop in region]
+    if math.prod(extents) <= budget:
+        yield region
+        return
+    for d in range(len(region)):
+        inner = math.prod(extents[d + 1:])
+        if inner <= budget:
+            step = max(1, budget // inner)
+            for outer in itertools.product(*(range(start, stop) for start, stop in region[:d])):
+                for start in range(region[d][0], region[d][1], step):
+                    yield [(o, o + 1) for o in outer] + [(start, min(start + step, region[d][1]))] + region[d + 1:]
+            return
+
+
+def _pieces(spans: list, budget: int) -> list:
+    """Cut spans of the row axis into pieces of at most ``budget`` elements."""
+    return [(start, min(start + budget, stop)) for begin, stop in spans for start in range(begin, stop, budget)]
+
+
+def _row_blocks(variable: xr.DataArray, axis_dim: str, listing):
+    """Yield the :class:`_RowBlock` s to read for ``variable``, rows along ``axis_dim``.
+
+    With a ``listing`` (chunk shape, stored chunk indices) only stored chunks are read: chunks are
+    grouped by their position off the axis; a group holding every chunk along the axis gives
+    complete rows, any other group only its stored pieces. Without one (a tree in memory), the
+    whole array is one group. Blocks hold at most ``BLOCK_ELEMENTS`` elements.
+    """
+    shape, dims = variable.shape, variable.dims
+    if 0 in shape:
+        return
+    axis = dims.index(axis_dim)
+    if listing is None:
+        chunk_shape, held = shape, {(0,) * len(shape)}
+    else:
+        chunk_shape, stored = listing
+        if len(chunk_shape) != len(shape):
+            return
+        held = _stored_within(stored, _chunk_grid(shape, chunk_shape))
+    groups: dict = {}
+    for index in held:
+        groups.setdefault(index[:axis] + index[axis + 1:], []).append(index[axis])
+    along, length = chunk_shape[axis], shape[axis]
+    others = [(chunk, size) for i, (chunk, size) in enumerate(zip(chunk_shape, shape)) if i != axis]
+    for key in sorted(groups):
+        positions = sorted(groups[key])
+        complete = len(positions) == math.ceil(length / max(1, along))
+        spans = [(0, length)] if complete else [(i * along, min((i + 1) * along, length)) for i in positions]
+        pieces = _pieces(spans, BLOCK_ELEMENTS)
+        budget = max(1, BLOCK_ELEMENTS // max(stop - start for start, stop in pieces))
+        region = [(i * chunk, min((i + 1) * chunk, size)) for i, (chunk, size) in zip(key, others)]
+        for rows in _split_rows(region, budget):
+            yield _RowBlock(dims, axis, rows, pieces, complete)
+
+
+def _read_block(variable: xr.DataArray, region: dict) -> np.ndarray:
+    return np.asarray(variable.isel(region).values, dtype=np.float64)
+
+
+def _token_block(dataset: xr.Dataset, name: str, dims: tuple, region: dict):
+    """Values of a per-token coordinate for one block, shaped to broadcast against it (or None).
+
+    A coordinate on (sample, token) follows the block's samples; an array without ``sample`` gets
+    the first sample's values.
+    """
+    if name not in dataset.variables:
+        return None
+    coordinate = dataset.variables[name]
+    if "sample" in coordinate.dims and "sample" not in dims:
+        coordinate = coordinate.isel(sample=0)
+    if any(d not in dims for d in coordinate.dims):
+        return None
+    coordinate = coordinate.isel({d: region[d] for d in coordinate.dims})
+    order = [d for d in dims if d in coordinate.dims]
+    values = np.asarray(coordinate.transpose(*order).values)
+    return values.reshape([coordinate.sizes[d] if d in coordinate.dims else 1 for d in dims])
+
+
+def _positions(dataset, name, dim, dims, region):
+    values = _token_block(dataset, name, dims, region)
+    if values is not None:
+        return values
+    span = region[dim]
+    return np.arange(span.start, span.stop).reshape([-1 if d == dim else 1 for d in dims])
 
 
 def _describe(selection: dict, extra: dict | None = None) -> str:
@@ -406,16 +641,30 @@ def _describe(selection: dict, extra: dict | None = None) -> str:
     return ", ".join(f"{k}={v}" for k, v in items.items()) or "(whole map)"
 
 
-def _token_values(dataset, name, selection):
-    if name not in dataset.variables:
-        return None
-    variable = dataset.variables[name]
-    if "sample" in variable.dims:
-        variable = variable.isel(sample=selection.get("sample", 0))
-    return np.asarray(variable.values)
+def _leading_at(dims: tuple, starts: dict, shape: tuple, flat_index: int) -> dict:
+    """The leading-dimension positions of one element of a block (for messages)."""
+    index = np.unravel_index(flat_index, shape)
+    return {dim: int(starts[dim] + i) for dim, i in zip(dims, index) if dim in LEADING_DIMS}
 
 
-def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport) -> None:
+class _Tally:
+    """Counts of each kind of broken value, and where the first of each is."""
+
+    def __init__(self):
+        self.counts = {"range": 0, "sum": 0, "causal": 0, "mask": 0}
+        self.first = {}
+
+    def add(self, kind: str, bad: np.ndarray, dims: tuple, starts: dict, detail) -> None:
+        count = int(np.count_nonzero(bad))
+        if not count:
+            return
+        self.counts[kind] += count
+        if kind not in self.first:
+            flat = int(np.flatnonzero(bad)[0])
+            self.first[kind] = (_leading_at(dims, starts, bad.shape, flat), detail(flat) if callable(detail) else detail)
+
+
+def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None) -> None:
     normalization = _as_json(attrs.get("normalization"))
     if "weights" not in dataset.data_vars or normalization not in ("softmax", "sparsemax"):
         return
@@ -423,84 +672,148 @@ def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationR
     where = f"{location.rstrip('/')}/weights"
     layout = _as_json(attrs.get("layout"))
     along = _as_json(attrs.get("normalized_dim", "key"))
+    if layout == "edge":
+        axis_dim = "edge"
+    elif along in ("key", "query"):
+        axis_dim = along
+    else:
+        return  # the schema already reported normalized_dim
+    if axis_dim not in weights.dims:
+        return
     tolerance = _tolerance(weights)
     causal = _as_json(attrs.get("causal")) == 1 and _as_json(attrs.get("attention_type", "self")) == "self" and layout == "dense"
-    first = {}
-    counts = {"range": 0, "sum": 0, "causal": 0, "mask": 0}
-    for selection, values in _maps(weights):
-        finite = values[np.isfinite(values)]
-        out_of_range = int(np.sum((finite < -RANGE_TOLERANCE) | (finite > 1 + RANGE_TOLERANCE)))
-        if out_of_range:
-            counts["range"] += out_of_range
-            first.setdefault("range", (selection, f"min {finite.min():.4g}, max {finite.max():.4g}"))
-        if normalization == "softmax":
-            sums, keep = _row_sums(dataset, values, layout, along, selection)
-            bad = keep & (np.abs(sums - 1) > tolerance)
-            if bad.any():
-                counts["sum"] += int(bad.sum())
-                first.setdefault("sum", (selection, f"{along} sums range {sums[bad].min():.4g}..{sums[bad].max():.4g}"))
-            key_mask = _token_values(dataset, "key_mask", selection)
-            if key_mask is not None and layout == "dense":
-                masked = values[..., ~key_mask.astype(bool)] if along == "key" else values[~key_mask.astype(bool), ...]
-                leaked = int(np.sum(np.abs(np.nan_to_num(masked)) > ZERO_TOLERANCE))
-                if leaked:
-                    counts["mask"] += leaked
-                    first.setdefault("mask", (selection, "padding keys receive weight"))
-        if causal:
-            q_pos = _token_values(dataset, "query_position", selection)
-            k_pos = _token_values(dataset, "key_position", selection)
-            q_pos = np.arange(values.shape[-2]) if q_pos is None else q_pos
-            k_pos = np.arange(values.shape[-1]) if k_pos is None else k_pos
-            future = k_pos[None, :] > q_pos[:, None]
-            leaked = int(np.sum(np.abs(np.nan_to_num(values[future])) > ZERO_TOLERANCE))
-            if leaked:
-                counts["causal"] += leaked
-                first.setdefault("causal", (selection, "keys after the query receive weight"))
+    listing = storage.listing(where.lstrip("/")) if storage is not None else None
+    tally = _Tally()
+    groups = _EdgeGroups(dataset, along) if layout == "edge" else None
+    for block in _row_blocks(weights, axis_dim, listing):
+        _check_block(dataset, weights, block, normalization, layout, along, causal, tolerance, groups, tally)
     messages = {
         "range": ("ATTN-VAL-001", "{n} values outside [0, 1]; first at {at} ({detail})"),
         "sum": ("ATTN-VAL-002", "{n} rows do not sum to 1 (tolerance {tol:g}); first at {at} ({detail})"),
         "causal": ("ATTN-VAL-003", "{n} weights on future keys in causal self-attention; first at {at}"),
         "mask": ("ATTN-VAL-004", "{n} weights on keys whose key_mask is false; first at {at}"),
     }
-    for kind, count in counts.items():
+    for kind, count in tally.counts.items():
         if count:
             rule_id, template = messages[kind]
-            selection, detail = first[kind]
+            selection, detail = tally.first[kind]
             report.add(rule_id, where, template.format(n=count, at=_describe(selection), detail=detail, tol=tolerance))
     if normalization == "softmax" and "logits" in dataset.data_vars and layout == "dense" and along == "key":
-        _check_softmax_of_logits(dataset, tolerance, location, report)
+        logits_listing = storage.listing(f"{location.strip('/')}/logits") if storage is not None else None
+        _check_softmax_of_logits(dataset, tolerance, location, report, logits_listing)
 
 
-def _row_sums(dataset, values, layout, along, selection):
-    """Sums over the normalized dimension, and which rows the rule applies to."""
-    if layout == "edge":
-        target_name = "target" if along == "key" else "source"
-        groups = np.asarray(dataset[target_name].values)
-        size = int(groups.max()) + 1 if groups.size else 0
-        captured = np.isfinite(values)
-        sums = np.bincount(groups, weights=np.where(captured, values, 0), minlength=size)
-        has_edges = np.bincount(groups, minlength=size) > 0
-        all_captured = np.bincount(groups, weights=captured.astype(float), minlength=size) == np.bincount(groups, minlength=size)
-        return sums, has_edges & all_captured
-    axis = -1 if along == "key" else -2
-    sums = np.sum(values, axis=axis)
-    keep = np.all(np.isfinite(values), axis=axis)
-    row_mask = _token_values(dataset, "query_mask" if along == "key" else "key_mask", selection)
-    if row_mask is not None:
-        keep &= row_mask.astype(bool)
-    return sums, keep
+class _EdgeGroups:
+    """For the edge layout: the row of each edge (the edges sharing a ``target``, for
+    ``along="key"``) as 0..n-1, and the number of edges per row. Worked out on first use, that
+    is only when complete rows of stored edges are checked."""
+
+    def __init__(self, dataset: xr.Dataset, along: str):
+        self._coordinate = dataset.variables["target" if along == "key" else "source"]
+        self._rows = None
+
+    def rows(self):
+        if self._rows is None:
+            _, inverse, sizes = np.unique(np.asarray(self._coordinate.values), return_inverse=True, return_counts=True)
+            self._rows = (inverse.reshape(-1), sizes)
+        return self._rows
 
 
-def _check_softmax_of_logits(dataset, tolerance, location, report) -> None:
-    for selection, logits in _maps(dataset["logits"]):
-        weights = np.asarray(dataset["weights"].isel(selection).values, dtype=np.float64)
+def _check_block(dataset, weights, block: _RowBlock, normalization, layout, along, causal, tolerance, groups, tally) -> None:
+    """Check one block of whole rows, piece by piece, accumulating the row sums over its pieces."""
+    dims = weights.dims
+    row_dims = tuple(d for i, d in enumerate(dims) if i != block.axis)
+    starts = block.row_starts()
+    row_shape = tuple(stop - start for start, stop in block.rows)
+    sums_by_row = groups is not None and normalization == "softmax" and block.complete
+    if sums_by_row:
+        inverse, sizes = groups.rows()
+        sums = np.zeros(row_shape + (sizes.size,))
+        captured = np.zeros(row_shape + (sizes.size,))
+    else:
+        sums = np.zeros(row_shape)
+        captured = np.zeros(row_shape, dtype=np.int64)
+    for piece in block.pieces:
+        region = block.region(piece)
+        values = _read_block(weights, region)
+        piece_starts = {**starts, dims[block.axis]: piece[0]}
+        finite = np.isfinite(values)
+        # NaN means "not captured"; anything else, infinities included, is a value to check.
+        present = np.where(np.isnan(values), 0.0, values)
+        out_of_range = (present < -RANGE_TOLERANCE) | (present > 1 + RANGE_TOLERANCE)
+
+        def range_detail(flat, values=values):
+            leading = tuple(i if d in LEADING_DIMS else slice(None) for d, i in zip(dims, np.unravel_index(flat, values.shape)))
+            seen = values[leading][~np.isnan(values[leading])]
+            return f"min {seen.min():.4g}, max {seen.max():.4g}"
+
+        tally.add("range", out_of_range, dims, piece_starts, range_detail)
+        if normalization == "softmax":
+            if groups is not None:
+                if not sums_by_row:
+                    continue  # edges of rows not wholly stored: exempt, like rows with NaN
+                edges = inverse[piece[0]:piece[1]]
+                flat_values = np.where(finite, values, 0.0).reshape(-1, values.shape[-1])
+                flat_finite = finite.reshape(-1, values.shape[-1])
+                offsets = (np.arange(flat_values.shape[0]) * sizes.size)[:, None] + edges[None, :]
+                total = flat_values.shape[0] * sizes.size
+                sums += np.bincount(offsets.ravel(), weights=flat_values.ravel(), minlength=total).reshape(sums.shape)
+                captured += np.bincount(offsets.ravel(), weights=flat_finite.ravel(), minlength=total).reshape(sums.shape)
+            else:
+                sums += np.sum(np.where(finite, values, 0.0), axis=block.axis)
+                captured += np.count_nonzero(finite, axis=block.axis)
+            if layout == "dense":
+                key_mask = _token_block(dataset, "key_mask", dims, region)
+                if key_mask is not None:
+                    leaked = ~key_mask.astype(bool) & (np.abs(present) > ZERO_TOLERANCE)
+                    tally.add("mask", leaked, dims, piece_starts, "padding keys receive weight")
+        if causal:
+            future = _positions(dataset, "key_position", "key", dims, region) > _positions(dataset, "query_position", "query", dims, region)
+            leaked = future & (np.abs(present) > ZERO_TOLERANCE)
+            tally.add("causal", leaked, dims, piece_starts, "keys after the query receive weight")
+    if normalization != "softmax" or not block.complete:
+        return  # rows with pieces not stored hold the fill value: not captured, exempt
+    if groups is not None:
+        keep = (captured == sizes)
+        sum_dims = row_dims + ("row",)
+    else:
+        keep = captured == weights.shape[block.axis]
+        mask_name = "query_mask" if along == "key" else "key_mask"
+        region = {d: slice(start, stop) for d, (start, stop) in zip(row_dims, block.rows)}
+        row_mask = _token_block(dataset, mask_name, row_dims, region)
+        if row_mask is not None:
+            keep &= row_mask.astype(bool)
+        sum_dims = row_dims
+    bad = keep & (np.abs(sums - 1) > tolerance)
+    tally.add("sum", bad, sum_dims, starts, lambda flat: f"{along} sums range {sums[bad].min():.4g}..{sums[bad].max():.4g}")
+
+
+def _check_softmax_of_logits(dataset, tolerance, location, report, listing=None) -> None:
+    """ATTN-VAL-005 (a SHOULD rule): checked on rows that fit one block, up to the first difference."""
+    logits_array, weights_array = dataset["logits"], dataset["weights"]
+    if logits_array.dims != weights_array.dims or "key" not in logits_array.dims:
+        return
+    for block in _row_blocks(logits_array, "key", listing):
+        if not block.complete or len(block.pieces) != 1:
+            continue
+        region = block.region(block.pieces[0])
+        logits = _read_block(logits_array, region)
+        weights = _read_block(weights_array, region)
         rows = np.all(np.isfinite(weights), axis=-1) & np.any(np.isfinite(logits), axis=-1)
         if not rows.any():
             continue
-        shifted = logits[rows] - np.nanmax(np.where(np.isneginf(logits[rows]), np.nan, logits[rows]), axis=-1, keepdims=True)
-        expected = np.exp(np.nan_to_num(shifted, nan=-np.inf))
-        expected /= expected.sum(axis=-1, keepdims=True)
-        difference = float(np.max(np.abs(expected - weights[rows])))
-        if difference > tolerance:
-            report.add("ATTN-VAL-005", f"{location.rstrip('/')}/logits", f"softmax(logits) differs from weights by up to {difference:.3g} at {_describe(selection)}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            chosen = logits[rows]
+            peak = np.nanmax(np.where(np.isneginf(chosen), np.nan, chosen), axis=-1, keepdims=True)
+            expected = np.exp(np.nan_to_num(chosen - peak, nan=-np.inf))
+            expected /= expected.sum(axis=-1, keepdims=True)
+            differences = np.max(np.abs(expected - weights[rows]), axis=-1)
+        over = differences > tolerance
+        if over.any():
+            row_positions = np.argwhere(rows)[int(np.flatnonzero(over)[0])]
+            starts = block.row_starts()
+            row_dims = [d for i, d in enumerate(logits_array.dims) if i != block.axis]
+            at = {d: int(starts[d] + i) for d, i in zip(row_dims, row_positions) if d in LEADING_DIMS}
+            report.add("ATTN-VAL-005", f"{location.rstrip('/')}/logits",
+                       f"softmax(logits) differs from weights by up to {float(differences[over].max()):.3g} at {_describe(at)}")
             return

@@ -1,11 +1,22 @@
 """Streaming writer: declare a site once, then write one layer (or head, sample, step) at a time.
 
 Memory holds what one ``write`` call passes, never the whole model. Values go straight into the
-store's chunks. The store is a Zarr directory written next to the destination as
-``<name>.partial.zarr``; :meth:`Writer.close` marks it complete, consolidates its metadata and
-moves it into place (or converts it, for ``.zarr.zip`` and ``.h5`` destinations). If the process
-dies first, the partial store stays: it opens, holds every map written so far, reads NaN where
-nothing was written, and says ``completeness = "incomplete"``.
+store's chunks. The store is written next to the destination as ``<name>.partial.zarr`` (through
+:class:`attnformat.engines.zarr_stream.StreamingStore`, the only part that knows it is Zarr);
+:meth:`Writer.close` marks it complete, consolidates its metadata and moves it into place in one
+step readers cannot see half-done (or converts it, for ``.zarr.zip`` and ``.h5`` destinations).
+
+Nothing written is ever lost or deleted unasked:
+
+* if the process dies first, the partial store stays: it opens, holds every map written so far,
+  reads NaN where nothing was written, and says ``completeness = "incomplete"``; a new ``Writer``
+  for the same destination refuses to replace it unless ``overwrite=True``;
+* one writer per destination: a second one fails at once with
+  :class:`~attnformat.errors.StoreLockedError` (a lock file, ``<name>.lock``, that the operating
+  system releases if the holder dies);
+* a failed write (a full disk, a file-size limit) raises
+  :class:`~attnformat.errors.WriteFailedError` naming the path; the partial store keeps what was
+  written, says "incomplete", and is neither moved nor converted.
 """
 
 from __future__ import annotations
@@ -17,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from attnformat._version import __version__
 from attnformat.conventions import (
@@ -32,9 +42,11 @@ from attnformat.conventions import (
     ROOT_VERSION,
     canonical_dims,
 )
-from attnformat.encoding import bitround, is_map, map_chunks, zarr_compressors
+from attnformat.encoding import bitround, is_map, map_chunks
 from attnformat.engines import engine_name_for_path
-from attnformat.errors import AttnFormatError, WriterError
+from attnformat.engines.placement import WriterLock, move_into_place
+from attnformat.engines.zarr_stream import StreamingStore, check_node_path, name_problem
+from attnformat.errors import AttnFormatError, WriteFailedError, WriterError
 
 PARTIAL_SUFFIX = ".partial.zarr"
 _DEFAULT_SITE_ATTRS = {"normalization": "softmax", "normalized_dim": "key"}
@@ -54,7 +66,10 @@ class Writer:
     attrs
         More root attributes (JSON-serializable scalars, strings or lists of them).
     overwrite
-        Replace ``path`` at close if it exists (the old file stays until then).
+        Replace ``path`` at close if it exists (the old file stays until then, and readers see
+        the old file or the new one, never a mix), and discard what an earlier writer left in
+        ``<path>.partial.zarr`` (without it, such a partial store is an error: it may be all that
+        is left of a crashed run).
     zarr_format
         3 (default) or 2.
     write_behind
@@ -93,27 +108,40 @@ class Writer:
         self.path = Path(path)
         self.write_behind = write_behind
         self.engine_name = engine_name_for_path(self.path)
+        self.closed = False
+        self._lock = None
         if self.path.exists() and not overwrite:
             raise AttnFormatError(f"{self.path}: already exists; pass overwrite=True to replace it")
+        if zarr_format not in (2, 3):
+            raise WriterError(f"{self.path}: zarr_format must be 2 or 3, not {zarr_format!r}")
         self.overwrite = overwrite
         self.zarr_format = zarr_format
         self.store_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        if self.store_path.exists():
-            shutil.rmtree(self.store_path)
-        root_attrs = {
-            ROOT_FORMAT: FORMAT_NAME,
-            ROOT_VERSION: FORMAT_VERSION,
-            ROOT_PRODUCER: producer or f"attnformat {__version__}",
-            ROOT_COMPLETENESS: "incomplete",
-        }
-        for key, value in (("model_name", model_name), ("model_framework", model_framework), ("model_adapter", model_adapter), ("description", description)):
-            if value is not None:
-                root_attrs[key] = value
-        root_attrs.update(dict(attrs or {}))
-        self.root = zarr.open_group(str(self.store_path), mode="w", zarr_format=zarr_format, attributes=root_attrs)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = WriterLock(self.path)  # before looking at the partial: it may be another writer's
+        try:
+            if self.store_path.exists():
+                if not overwrite:
+                    raise WriterError(
+                        f"{self.path}: {self.store_path} holds what an earlier writer left (it is readable with "
+                        f"attnformat.open({str(self.store_path)!r})); pass overwrite=True to replace it, or move it away"
+                    )
+                shutil.rmtree(self.store_path)
+            root_attrs = {
+                ROOT_FORMAT: FORMAT_NAME,
+                ROOT_VERSION: FORMAT_VERSION,
+                ROOT_PRODUCER: producer or f"attnformat {__version__}",
+                ROOT_COMPLETENESS: "incomplete",
+            }
+            for key, value in (("model_name", model_name), ("model_framework", model_framework), ("model_adapter", model_adapter), ("description", description)):
+                if value is not None:
+                    root_attrs[key] = value
+            root_attrs.update(dict(attrs or {}))
+            self.store = StreamingStore(self.store_path, zarr_format=zarr_format, attrs=root_attrs, write_behind=write_behind)
+        except BaseException:
+            self._release()
+            raise
         self.sites: dict[str, SiteWriter] = {}
-        self.closed = False
-        self._pending = None  # (future, where) of the one write still in flight
 
     def create_site(
         self,
@@ -145,17 +173,14 @@ class Writer:
         ('head', 'query', 'key')
         """
         self._check_open()
-        name = name.strip("/")
-        if name in self.sites:
-            raise WriterError(f"{self.path}: site {name!r} is already declared")
+        name = check_node_path(name, str(self.path))
+        if name in self.sites or any(other.startswith(name + "/") or name.startswith(other + "/") for other in self.sites):
+            raise WriterError(f"{self.path}: site {name!r} is already declared, or lies inside or around a declared site")
         if layout not in LAYOUTS:
             raise WriterError(f"{self.path}:{name}: layout must be one of {LAYOUTS}, not {layout!r} [ATTN-SITE-001]")
         site_attrs = {**_DEFAULT_SITE_ATTRS, "layout": layout, **dict(attrs or {})}
-        group = self.root
-        for part in name.split("/"):
-            group = group.require_group(part)
-        group.attrs.update(site_attrs)
-        site = SiteWriter(self, group, name, dict(sizes), variables, np.dtype(dtype), dict(coords or {}), dict(keepbits or {}))
+        self.store.create_group(name, site_attrs)
+        site = SiteWriter(self, name, site_attrs, dict(sizes), variables, np.dtype(dtype), dict(coords or {}), dict(keepbits or {}))
         self.sites[name] = site
         return site
 
@@ -175,14 +200,21 @@ class Writer:
         """
         if self.closed:
             return self.path
+        self.closed = True
         try:
-            self.flush()
-        except WriterError:
-            complete = False
-            raise
-        finally:
-            self.closed = True
+            if self.store.failed:
+                raise WriteFailedError(f"{self.path}: not finished, a write failed; what was written is kept in {self.store_path} (incomplete)")
+            try:
+                self.flush()
+            except WriteFailedError:
+                raise  # the partial keeps what was written and says "incomplete"
+            except WriterError:
+                self._finish(complete=False)
+                raise
             self._finish(complete)
+        finally:
+            self.store.close()
+            self._release()
         return self.path
 
     def flush(self) -> None:
@@ -198,36 +230,39 @@ class Writer:
         >>> writer.create_site("self", sizes={"query": 2, "key": 2}).write("weights", np.full((2, 2), 0.5))
         >>> writer.flush()  # the map is on disk now
         """
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            future, where = pending
-            try:
-                future.result()
-            except Exception as error:
-                raise WriterError(f"{where}: writing to {self.store_path} failed: {error}") from error
-
-    def _store(self, handle, region, values, where: str) -> None:
-        self.flush()
-        self._pending = (handle[region].write(values), where)
-        if not self.write_behind:
-            self.flush()
+        self.store.flush()
 
     def _finish(self, complete: bool) -> None:
-        self.root.attrs[ROOT_COMPLETENESS] = "complete" if complete else "incomplete"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(self.store_path))
-        if self.engine_name == "zarr":
-            from attnformat.saving import _move_into_place
+        try:
+            self.store.finish({ROOT_COMPLETENESS: "complete" if complete else "incomplete"})
+            if self.engine_name == "zarr":
+                if self.path.exists() and not self.overwrite:
+                    raise AttnFormatError(f"{self.path}: appeared while writing; the data is kept in {self.store_path}")
+                move_into_place(self.store_path, self.path)
+            else:
+                from attnformat.saving import convert
 
-            if self.path.exists() and not self.overwrite:
-                raise AttnFormatError(f"{self.path}: appeared while writing; the data is kept in {self.store_path}")
-            _move_into_place(self.store_path, self.path)
-        else:
-            from attnformat.saving import convert
+                try:
+                    convert(self.store_path, self.path, overwrite=self.overwrite, zarr_format=self.zarr_format)
+                except OSError as error:
+                    if isinstance(error, WriteFailedError):
+                        raise
+                    raise WriteFailedError(f"{self.path}: writing failed ({error}); the data is kept in {self.store_path}") from error
+                shutil.rmtree(self.store_path)
+        except BaseException:
+            if complete:
+                # What stays behind is the partial store, not the finished file: it must not say
+                # "complete" (it is whole, but it is not where the caller asked for it).
+                try:
+                    self.store.finish({ROOT_COMPLETENESS: "incomplete"})
+                except WriteFailedError:
+                    pass  # the disk refuses even that; the error being raised says what happened
+            raise
 
-            convert(self.store_path, self.path, overwrite=self.overwrite, zarr_format=self.zarr_format)
-            shutil.rmtree(self.store_path)
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _check_open(self) -> None:
         if self.closed:
@@ -237,6 +272,13 @@ class Writer:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        if isinstance(exc, WriteFailedError) and not self.closed:
+            # The storage failed: leave the partial as it is (incomplete), let go of the lock, and
+            # let the original error say what happened.
+            self.closed = True
+            self.store.close()
+            self._release()
+            return
         self.close(complete=exc_type is None)
 
 
@@ -255,15 +297,17 @@ class SiteWriter:
     ({'layer': 2, 'query': 3, 'key': 3}, {'layer': [0, 1]})
     """
 
-    def __init__(self, writer, group, name, sizes, variables, dtype, coords, keepbits):
-        self.writer, self.group, self.name, self.dtype, self.keepbits = writer, group, name, dtype, keepbits
+    def __init__(self, writer, name, attrs, sizes, variables, dtype, coords, keepbits):
+        self.writer, self.name, self.dtype, self.keepbits = writer, name, dtype, keepbits
+        self.store: StreamingStore = writer.store
         self.where = f"{writer.path}:{name}"
-        self._arrays: dict[str, zarr.Array] = {}
-        self._tensorstores: dict[str, object] = {}
+        self._coordinates_of: dict[str, str] = {}  # variable -> its "coordinates" attribute
+        self._group_coordinates = False
+        self._fitted: set[str] = set()  # variables whose chunks follow the first write
         unknown = [d for d in sizes if d not in ATTENTION_DIMS]
         if unknown:
             raise WriterError(f"{self.where}: unknown dimensions {unknown}; attention dimensions are {ATTENTION_DIMS} [ATTN-DIM-001]")
-        layout = group.attrs["layout"]
+        layout = attrs["layout"]
         needed = ("query", "key") if layout == "dense" else ("edge",)
         if any(d not in sizes for d in needed):
             raise WriterError(f"{self.where}: a {layout} site needs dimensions {needed} in sizes [ATTN-DIM-003]")
@@ -301,11 +345,12 @@ class SiteWriter:
                 self.sizes.setdefault(dim, values.shape[i])
             if dims == (name,) and name in LEADING_DIMS:
                 self.labels[name] = values.tolist()
+            self._check_name(name)
             self.coord_dims[name] = dims
             dtype = str if values.dtype.kind in "OUT" else values.dtype
-            array = self._new_array(name, values.shape, dims, dtype, fill_value=None, chunks=values.shape or None)
+            self._new_array(name, values.shape, dims, dtype, fill_value=None, chunks=values.shape or None)
             if values.size:
-                array[...] = values.astype(object) if dtype is str else values
+                self.store.write_all(f"{self.name}/{name}", values)
         if "step" in self.sizes:
             self.labels.setdefault("step", [])
 
@@ -313,7 +358,13 @@ class SiteWriter:
         bits = self.keepbits.get(variable)
         return {"lossy_method": "bitround", "lossy_keepbits": int(bits)} if bits is not None else {}
 
+    def _check_name(self, name) -> None:
+        problem = name_problem(name)
+        if problem:
+            raise WriterError(f"{self.where}: cannot name a variable or coordinate {name!r}: {problem}")
+
     def _create_array(self, name, dims, dtype, *, fill_value, attrs=None):
+        self._check_name(name)
         if name in self.dims or name in self.coord_dims:
             raise WriterError(f"{self.where}: variable {name!r} already exists")
         shape = tuple(self.sizes[d] for d in dims)
@@ -322,6 +373,7 @@ class SiteWriter:
         attrs = dict(attrs or {})
         if coordinates:
             attrs["coordinates"] = " ".join(coordinates)
+        self._coordinates_of[name] = str(attrs.get("coordinates", ""))
         self._new_array(name, shape, dims, dtype, fill_value=fill_value, chunks=chunks, attrs=attrs)
         self.dims[name] = tuple(dims)
         self._attach_loose_coordinates()
@@ -329,28 +381,30 @@ class SiteWriter:
     def _attach_loose_coordinates(self) -> None:
         # A coordinate no variable covers (node labels beside edge weights) is listed in the
         # group's own "coordinates" attribute, as xarray does, so readers still see a coordinate.
-        covered = {c for name in self.dims for c in str(self.group[name].attrs.get("coordinates", "")).split()}
+        covered = {c for name in self.dims for c in self._coordinates_of.get(name, "").split()}
         loose = sorted(c for c, cdims in self.coord_dims.items() if cdims != (c,) and c not in covered)
         if loose:
-            self.group.attrs["coordinates"] = " ".join(loose)
-        elif "coordinates" in self.group.attrs:
-            del self.group.attrs["coordinates"]
+            self.store.set_attrs(self.name, {"coordinates": " ".join(loose)})
+            self._group_coordinates = True
+        elif self._group_coordinates:
+            self.store.set_attrs(self.name, {}, remove=("coordinates",))
+            self._group_coordinates = False
+
+    @staticmethod
+    def _chunks(dims, shape, separate=()):
+        chunks = map_chunks(dims, shape, separate)
+        # An appendable dimension: chunk it by one step, so appending never rewrites a chunk.
+        return tuple(1 if d == "step" else c for d, c in zip(dims, chunks))
 
     def _new_array(self, name, shape, dims, dtype, *, fill_value, chunks, attrs=None):
-        attrs = dict(attrs or {})
-        kwargs = {}
-        if self.writer.zarr_format == 3:
-            kwargs["dimension_names"] = dims
-        else:
-            attrs["_ARRAY_DIMENSIONS"] = list(dims)
-        if dtype is not str:
-            kwargs.update(zarr_compressors(self.writer.zarr_format, bit_rounded="lossy_keepbits" in attrs))
         chunk_shape = tuple(max(1, c) for c in (chunks or shape)) or None
-        if "step" in dims:  # an appendable dimension: chunk it by one step
+        if chunk_shape and "step" in dims:
             chunk_shape = tuple(1 if d == "step" else c for d, c in zip(dims, chunk_shape))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return self.group.create_array(name, shape=shape, chunks=chunk_shape, dtype=dtype, fill_value=fill_value, attributes=attrs, **kwargs)
+        attrs = dict(attrs or {})
+        self.store.create_array(
+            f"{self.name}/{name}", shape=shape, dims=dims, dtype=dtype, fill_value=fill_value, chunks=chunk_shape,
+            attrs=attrs, bit_rounded="lossy_keepbits" in attrs,
+        )
 
     def add_variable(self, name: str, values, dims: Sequence[str], *, attrs: Mapping | None = None) -> None:
         """Write a whole auxiliary variable at once (distances, an image, scores).
@@ -375,7 +429,8 @@ class SiteWriter:
         dtype = str if values.dtype.kind in "OUT" else values.dtype
         fill = np.nan if values.dtype.kind == "f" else None
         self._create_array(name, dims, dtype, fill_value=fill, attrs=attrs)
-        self.group[name][...] = values.astype(object) if dtype is str else values
+        self.store.write_all(f"{self.name}/{name}", values)
+        self._fitted.add(name)  # written whole: its chunks stay as declared
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, variable: str, values, **selection) -> None:
@@ -421,24 +476,13 @@ class SiteWriter:
             )
         if variable in self.keepbits and values.dtype.kind == "f":
             values = bitround(values, self.keepbits[variable])
-        handle = self._tensorstore(variable)
-        if handle is None:
-            self.writer.flush()
-            self._array(variable)[tuple(region)] = values
-        else:
-            where = ", ".join(f"{d}={selection[d]}" for d in selection)
-            self.writer._store(handle, tuple(region), values, f"{self.where}/{variable} [{where}]")
-
-    def _array(self, name: str) -> zarr.Array:
-        if name not in self._arrays:
-            self._arrays[name] = self.group[name]
-        return self._arrays[name]
-
-    def _tensorstore(self, name: str):
-        """A TensorStore handle for writing a numeric variable, or None to write through zarr."""
-        if name not in self._tensorstores:
-            self._tensorstores[name] = _open_for_writing(self._array(name), self.writer.store_path)
-        return self._tensorstores[name]
+        if variable not in self._fitted and is_map(dims):
+            # The first write shows how the caller writes: chunks then hold what one write covers
+            # (grouped up to the minimum chunk size), so later writes rarely merge into a chunk.
+            self.store.rechunk(f"{self.name}/{variable}", self._chunks(dims, tuple(self.sizes[d] for d in dims), separate=tuple(selection)))
+        self._fitted.add(variable)
+        where = ", ".join(f"{d}={selection[d]}" for d in selection)
+        self.store.write(f"{self.name}/{variable}", tuple(region), values, f"{self.where}/{variable} [{where}]")
 
     def _position(self, variable: str, dim: str, label) -> int:
         labels = self.labels.get(dim)
@@ -478,14 +522,12 @@ class SiteWriter:
                 raise WriterError(f"{self.where}: step {label} comes after step {labels[-1]}; steps must increase [ATTN-COORD-001]")
         elif label in labels:
             raise WriterError(f"{self.where}: {dim}={label!r} exists already")
-        self.writer.flush()  # no write may be in flight while arrays change shape
         labels.append(label)
         self.sizes[dim] = len(labels)
         for name, dims in [*self.dims.items(), (dim, (dim,))]:
             if dim in dims:
-                self._array(name).resize(tuple(self.sizes[d] for d in dims))
-                self._tensorstores.pop(name, None)  # reopened with the new shape
-        self._array(dim)[len(labels) - 1] = label
+                self.store.resize(f"{self.name}/{name}", tuple(self.sizes[d] for d in dims))
+        self.store.write(f"{self.name}/{dim}", (len(labels) - 1,), np.asarray(label), f"{self.where}/{dim} [{dim}={label!r}]")
 
 
 def _split_coord_spec(name: str, spec) -> tuple[tuple[str, ...], np.ndarray]:
@@ -494,25 +536,3 @@ def _split_coord_spec(name: str, spec) -> tuple[tuple[str, ...], np.ndarray]:
         dims = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
         return dims, np.asarray(spec[1])
     return (name,), np.asarray(spec)
-
-
-_WRITE_CONTEXT = []
-
-
-def _open_for_writing(array: zarr.Array, store_path: Path):
-    """Open a numeric array for writing through TensorStore (None without it, or for strings).
-
-    File writes are not fsync'ed one by one: the store is consolidated and moved into place at
-    close, and a process that dies still leaves every completed write on disk.
-    """
-    try:
-        import tensorstore
-    except ImportError:
-        return None
-    if array.dtype.kind not in "biuf":
-        return None
-    if not _WRITE_CONTEXT:
-        _WRITE_CONTEXT.append(tensorstore.Context({"file_io_sync": False}))
-    driver = "zarr3" if array.metadata.zarr_format == 3 else "zarr"
-    spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(store_path / array.path)}}
-    return tensorstore.open(spec, open=True, write=True, context=_WRITE_CONTEXT[0]).result()

@@ -2,13 +2,14 @@
 markdown summary (like seed 003's analysis report) and the statistics as JSON.
 
 File names come from site paths and labels, which the file's writer chose: they are reduced to
-``[A-Za-z0-9._-]`` so that a label such as ``../x`` cannot leave the output directory, and every
-text shown in the page is HTML-escaped so that a label such as ``<s>`` cannot break it.
+``[A-Za-z0-9._-]`` so that a label such as ``../x`` cannot leave the output directory. Every text
+from the file is escaped for where it goes (:mod:`attnformat.text`): HTML-escaped in the page, so
+that a label such as ``<s>`` cannot break it; markdown-escaped in ``summary.md``, so that a
+description holding a newline cannot open a heading or load a remote image there.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from attnformat.errors import AttnFormatError
 from attnformat.reading import source_of
+from attnformat.text import for_html, for_markdown, markdown_code, markdown_fence
 from attnformat.viewer import catalog
 from attnformat.viewer.output import close_figure, save_figure
 from attnformat.viewer.selection import labels_of, open_source, site_name, sites_of
@@ -203,9 +205,12 @@ def _top_pairs_rows(tree) -> dict:
     return rows
 
 
-def findings(summary: dict) -> list[str]:
+def findings(summary: dict, quote: Callable[[str], str] = str) -> list[str]:
     """Short observations per site from the statistics: the most focused and most spread heads,
     the strongest sink, and the local/global ratio (seed 003's report lists such findings).
+
+    ``quote`` is applied to the site names (which come from the file), e.g.
+    :func:`attnformat.text.for_markdown` for a markdown page.
 
     Examples
     --------
@@ -215,7 +220,8 @@ def findings(summary: dict) -> list[str]:
     True
     """
     lines = []
-    for site, entries in summary["sites"].items():
+    for name, entries in summary["sites"].items():
+        site = quote(name)
         heads = [(entry["layer"], head) for entry in entries for head in entry.get("heads", [])]
         measured = [(layer, head) for layer, head in heads if head["entropy"] is not None]
         if measured:
@@ -235,39 +241,36 @@ def findings(summary: dict) -> list[str]:
     return lines
 
 
-def _markdown_cell(text: str) -> str:
-    return html.escape(str(text)).replace("|", "\\|")
-
-
 def _write_markdown(path: Path, source: str, tree, items, summary, pairs) -> None:
-    escape = html.escape
-    lines = [f"# Attention report: {escape(os.path.basename(source.rstrip('/')) or source)}", "",
-             f"- source: `{escape(source)}`"]
+    # Everything from the file goes through for_markdown (or into a code span or block that it
+    # cannot close), so that no label, name or description becomes a heading, link, image or tag.
+    title = os.path.basename(source.rstrip("/")) or source
+    lines = [f"# Attention report: {for_markdown(title)}", "", f"- source: {markdown_code(source)}"]
     for key in ("model_name", "model_framework", "description"):
         if key in tree.root.attrs:
-            lines.append(f"- {key}: {escape(str(tree.root.attrs[key]))}")
+            lines.append(f"- {key}: {for_markdown(tree.root.attrs[key])}")
     drawn = [i for i in items if i.file]
     lines += [f"- plots: {len(drawn)}" + (f" ({len(items) - len(drawn)} not drawn)" if len(drawn) < len(items) else ""), "",
-              "## Statistics per site and layer", "", "```", format_summary(summary), "```", ""]
-    observed = findings(summary)
+              "## Statistics per site and layer", "", markdown_fence(format_summary(summary)), ""]
+    observed = findings(summary, quote=for_markdown)
     if observed:
-        lines += ["## Findings", ""] + [f"- {escape(line)}" for line in observed] + [""]
+        lines += ["## Findings", ""] + [f"- {line}" for line in observed] + [""]
     for site, rows in pairs.items():
-        lines += [f"## Top query -> key pairs: {escape(site)} (first layer, mean over heads)", "",
+        lines += [f"## Top query -> key pairs: {for_markdown(site)} (first layer, mean over heads)", "",
                   "| query | key | weight |", "|---|---|---|"]
-        lines += [f"| {_markdown_cell(r['query_label'])} | {_markdown_cell(r['key_label'])} | {r['value']:.4f} |" for r in rows]
+        lines += [f"| {for_markdown(r['query_label'])} | {for_markdown(r['key_label'])} | {r['value']:.4f} |" for r in rows]
         lines.append("")
     lines += ["## Plots", ""]
     for item in items:
-        if item.file:
-            lines.append(f"- **{escape(item.section)}**: {escape(item.caption)}: [{item.file}]({item.file})")
+        if item.file:  # file names are safe_file_name()s: [A-Za-z0-9._-] only
+            lines.append(f"- **{for_markdown(item.section)}**: {for_markdown(item.caption)}: [{item.file}]({item.file})")
         else:
-            lines.append(f"- **{escape(item.section)}**: {escape(item.caption)}: not drawn ({escape(item.error)})")
+            lines.append(f"- **{for_markdown(item.section)}**: {for_markdown(item.caption)}: not drawn ({for_markdown(item.error)})")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _write_html(path: Path, source: str, items, pairs) -> None:
-    escape = html.escape
+    escape = for_html
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              f"<title>Attention report: {escape(source)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}figure{display:inline-block;margin:1em;"
@@ -286,7 +289,7 @@ def _write_html(path: Path, source: str, items, pairs) -> None:
             section = item.section
             parts.append(f"<h2>{escape(section)}</h2>")
         if item.file:
-            parts.append(f"<figure><img src=\"{escape(item.file, quote=True)}\" alt=\"{escape(item.caption, quote=True)}\" "
+            parts.append(f"<figure><img src=\"{escape(item.file)}\" alt=\"{escape(item.caption)}\" "
                          f"loading=\"lazy\"><figcaption>{escape(item.caption)}</figcaption></figure>")
         else:
             parts.append(f"<p>Not drawn: {escape(item.caption)}: {escape(item.error)}</p>")

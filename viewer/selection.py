@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
+from attnformat import resolving
 from attnformat.conventions import LABEL_COORDS, MASK_COORDS, is_site
 from attnformat.errors import AttnFormatError, NonConformingError, SelectionError, UnreadableFileError
 from attnformat.reading import get_site, open as open_tree, site_paths, source_of
@@ -28,7 +29,6 @@ REDUCTIONS = ("mean", "max")
 DISPLAY_SIZE = 1024
 #: Slices to reduce that are larger than this many elements are read one map at a time.
 _STREAM_ELEMENTS = 1 << 25
-_LISTED_VALUES = 20
 
 
 def open_source(source) -> xr.DataTree:
@@ -66,8 +66,17 @@ def open_source(source) -> xr.DataTree:
     raise TypeError(f"expected a path or an xarray.DataTree, not {type(source).__name__}")
 
 
-def resolve_site(source, site: str | None = None) -> xr.DataTree:
+def resolve_site(source, site: str | None = None, storage_options=None) -> xr.DataTree:
     """The site group a plot reads: ``source`` itself when it is a site, else the named (or only) site.
+
+    Parameters
+    ----------
+    source
+        A path or URL attnformat can open, or an :class:`xarray.DataTree` (a file or one site).
+    site
+        Path of the site; may be omitted when the file has one site.
+    storage_options
+        fsspec options for a URL (``{"endpoint_url": ...}`` for an S3-compatible server).
 
     Examples
     --------
@@ -76,6 +85,11 @@ def resolve_site(source, site: str | None = None) -> xr.DataTree:
     >>> resolve_site(attnformat.example_path("encoder-decoder"), "decoder/cross").path
     '/decoder/cross'
     """
+    if storage_options is not None and not isinstance(source, xr.DataTree):
+        # A Location carries the options through open_source's opening and validation.
+        from attnformat.engines import Location
+
+        source = Location.of(source, storage_options)
     tree = open_source(source)
     if site is None and is_site(tree.attrs):
         return tree
@@ -94,16 +108,6 @@ def site_name(site: xr.DataTree) -> str:
     'trunk/iga'
     """
     return site.path.strip("/")
-
-
-def _listing(values) -> str:
-    shown = [str(v) for v in list(values)[:_LISTED_VALUES]]
-    more = len(values) - len(shown)
-    return ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
-
-
-def _plural(dim: str) -> str:
-    return {"query": "queries", "sample": "samples"}.get(dim, dim + "s")
 
 
 def labels_of(site: xr.DataTree, dim: str, sample: int | None = None) -> list[str]:
@@ -151,40 +155,10 @@ def position(site: xr.DataTree, dim: str, value, *, sample: int | None = None) -
         raise SelectionError(
             f"{dim} {value!r} not in file {source_of(site)}, site {site_name(site)}: it has no {dim} dimension; "
             f"dimensions: {', '.join(site.sizes)}")
-    size = site.sizes[dim]
-    index = site.coords[dim].values if dim in site.coords else None
     label_name = LABEL_COORDS.get(dim)
-    labels = None
-    if label_name and label_name in site.coords:
-        labels = np.asarray(labels_of(site, dim, sample), dtype=object)
-    if isinstance(value, np.generic):
-        value = value.item()
-    requested = value
-    if isinstance(value, str):
-        if labels is not None and value in labels:
-            return int(np.flatnonzero(labels == value)[0])
-        if index is not None and index.dtype.kind in "OUST":
-            matches = np.flatnonzero(index.astype(str) == value)
-            if matches.size:
-                return int(matches[0])
-        try:
-            value = int(value)
-        except ValueError:
-            value = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if index is not None and index.dtype.kind in "iu":
-            matches = np.flatnonzero(index == value)
-            if matches.size:
-                return int(matches[0])
-        elif -size <= value < size:
-            return value % size
-    if index is not None:
-        exists = f"{_plural(dim)}: {_listing(index)}"
-    elif labels is not None:
-        exists = f"{_plural(dim)}: {_listing(labels)} (or positions 0..{size - 1})"
-    else:
-        exists = f"{_plural(dim)}: positions 0..{size - 1}"
-    raise SelectionError(f"{dim} {requested} not in file {source_of(site)}, site {site_name(site)}; {exists}")
+    labels = labels_of(site, dim, sample) if label_name and label_name in site.coords else None
+    return resolving.position(dim, value, size=site.sizes[dim], index=site.coords[dim].values if dim in site.coords else None,
+                              labels=labels, where=f"file {source_of(site)}, site {site_name(site)}")
 
 
 def _reduce(values: np.ndarray, axes: tuple[int, ...], how: str) -> np.ndarray:

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from attnformat.text import for_terminal
 from attnformat.viewer.colors import BAR_COLOR
 from attnformat.viewer.output import axes_or_new, grid
 from attnformat.viewer.selection import SELECTABLE_DIMS, real_tokens, resolve_site, select, site_name, sites_of
@@ -237,7 +238,8 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as a text table, one line per site and layer.
+    """The summary as a text table, one line per site and layer, safe to print on a terminal (site
+    names and attention types come from the file: control characters in them are shown escaped).
 
     Examples
     --------
@@ -246,7 +248,7 @@ def format_summary(summary: dict) -> str:
     >>> print(format_summary(statistics_summary(attnformat.example_path("dense"))).splitlines()[1])
     site          layer  type               mean      std      min      max  entropy     sink  loc/glob  shape
     """
-    lines = [summary["source"], f"{'site':13} {'layer':>5}  {'type':15} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} "
+    lines = [for_terminal(summary["source"]), f"{'site':13} {'layer':>5}  {'type':15} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} "
                                 f"{'entropy':>8} {'sink':>8} {'loc/glob':>9}  shape"]
 
     def cell(value, width=8):
@@ -254,7 +256,8 @@ def format_summary(summary: dict) -> str:
 
     for name, entries in summary["sites"].items():
         for entry in entries:
-            lines.append(f"{name:13} {entry['layer'] if entry['layer'] is not None else '-':>5}  {entry['type']:15} "
+            lines.append(f"{for_terminal(name):13} {entry['layer'] if entry['layer'] is not None else '-':>5}  "
+                         f"{for_terminal(entry['type']):15} "
                          f"{cell(entry['mean'])} {cell(entry['std'])} {cell(entry['min'])} {cell(entry['max'])} "
                          f"{cell(entry['entropy'])} {cell(entry['sink_score'])} {cell(entry['local_global_ratio'], 9)}  "
                          f"{entry['shape']}")

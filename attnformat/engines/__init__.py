@@ -4,6 +4,6 @@ The rest of attnformat calls :func:`engine_for` and uses the returned engine's `
 ``write_tree``; nothing else asks which engine a path uses.
 """
 
-from attnformat.engines.common import Engine, engine_for, engine_name_for_path
+from attnformat.engines.common import Engine, Location, engine_for, engine_name_for_path
 
-__all__ = ["Engine", "engine_for", "engine_name_for_path"]
+__all__ = ["Engine", "Location", "engine_for", "engine_name_for_path"]

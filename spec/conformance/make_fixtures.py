@@ -6,14 +6,16 @@ xarray (attnformat's own writer refuses nonconforming trees). ``tests/core/test_
 checks that the validator reports exactly that rule id for each, and that every MUST rule of the
 spec has its fixture.
 
-Run from the repository root::
+Run from the repository root (``valid`` rewrites only the valid fixtures, rule ids only those
+invalid fixtures)::
 
-    python spec/conformance/make_fixtures.py
+    python spec/conformance/make_fixtures.py [valid | ATTN-STORE-004 ...]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -22,9 +24,11 @@ import numpy as np
 import xarray as xr
 
 from attnformat import save
+from attnformat.conventions import MAX_CHUNK_BYTES
 from attnformat.examples import EXAMPLES, build
 
 HERE = Path(__file__).parent
+REPOSITORY = HERE.parents[1]
 
 
 def _with_site(name: str, site: str, change) -> xr.DataTree:
@@ -165,13 +169,63 @@ def _write_size_mismatch_fixture(path: Path) -> None:
     zarr.consolidate_metadata(str(path))
 
 
+def _write_checksummed(path: Path, chunks=(1, 1, 6, 6)) -> Path:
+    """The dense example with weights in one chunk per map, each chunk Blosc-compressed and
+    followed by its CRC-32C (what attnformat's writer does); returns the weights array's folder."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    compressors = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+    encoding = {"/encoder/self": {"weights": {"chunks": chunks, "compressors": compressors}}}
+    build("dense").to_zarr(path, mode="w", consolidated=True, zarr_format=3, encoding=encoding)
+    return path / "encoder" / "self" / "weights"
+
+
+def _write_symlink_fixture(path: Path) -> None:
+    # The link is relative and points at the repository's README.md, so that it resolves in any
+    # clone (git stores symbolic links as links); readers must refuse it without following it.
+    chunk = _write_checksummed(path) / "c" / "0" / "1" / "0" / "0"
+    chunk.unlink()
+    os.symlink(os.path.relpath(REPOSITORY / "README.md", chunk.parent), chunk)
+
+
+def _write_flipped_bit_fixture(path: Path) -> None:
+    chunk = _write_checksummed(path) / "c" / "1" / "2" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the compressed payload, not the 4 checksum bytes at the end
+    chunk.write_bytes(bytes(data))
+
+
+def _write_oversized_chunk_fixture(path: Path) -> None:
+    """The weights array declares chunks of (2, 3, 8192, 8192) float32: 1.5 GiB each, far above
+    MAX_CHUNK_BYTES; a reader that trusts it allocates that much before looking at the chunk."""
+    weights = _write_checksummed(path, chunks=(2, 3, 6, 6))
+    declared = [2, 3, 8192, 8192]
+    assert 2 * 3 * 8192 * 8192 * 4 > MAX_CHUNK_BYTES
+    documents = [weights / "zarr.json", path / "zarr.json"]
+    for document in documents:
+        metadata = json.loads(document.read_text())
+        array = metadata if document.parent == weights else metadata["consolidated_metadata"]["metadata"]["encoder/self/weights"]
+        array["chunk_grid"]["configuration"]["chunk_shape"] = declared
+        document.write_text(json.dumps(metadata, indent=2))
+
+
+def _write_missing_chunk_fixture(path: Path) -> None:
+    weights = _write_checksummed(path)
+    (weights / "c" / "1" / "1" / "0" / "0").unlink()
+
+
 def write_invalid(rule_id: str, path: Path) -> None:
     """Write the fixture for one rule with plain xarray (and zarr, for the ATTN-STORE rules)."""
-    if rule_id == "ATTN-STORE-002":
-        _write_size_mismatch_fixture(path)
-        return
-    if rule_id == "ATTN-STORE-003":
-        _write_pickle_fixture(path)
+    store_writers = {
+        "ATTN-STORE-002": _write_size_mismatch_fixture,
+        "ATTN-STORE-003": _write_pickle_fixture,
+        "ATTN-STORE-004": _write_symlink_fixture,
+        "ATTN-STORE-005": _write_flipped_bit_fixture,
+        "ATTN-STORE-006": _write_oversized_chunk_fixture,
+        "ATTN-STORE-007": _write_missing_chunk_fixture,
+    }
+    if rule_id in store_writers:
+        store_writers[rule_id](path)
         return
     if rule_id == "ATTN-STORE-001":
         build("dense").to_zarr(path, mode="w", consolidated=False, zarr_format=3)
@@ -183,19 +237,37 @@ def write_invalid(rule_id: str, path: Path) -> None:
     INVALID[rule_id]().to_zarr(path, mode="w", consolidated=True, zarr_format=3)
 
 
-def main() -> None:
-    """Rewrite every fixture from scratch."""
+def main(only: list[str] | None = None) -> None:
+    """Rewrite every fixture from scratch, or only those named in ``only`` (``valid``, or rule ids)."""
     warnings.simplefilter("ignore")
+    store_rules = [f"ATTN-STORE-{number:03d}" for number in range(1, 8)]
+    if only == ["valid"]:
+        shutil.rmtree(HERE / "valid", ignore_errors=True)
+        (HERE / "valid").mkdir()
+        for name in EXAMPLES:
+            save(build(name), HERE / "valid" / f"{name}.zarr")
+        print(f"wrote {len(EXAMPLES)} valid fixtures under {HERE / 'valid'}")
+        return
+    if only:
+        for rule_id in only:
+            path = HERE / "invalid" / f"{rule_id}.zarr"
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            shutil.rmtree(path, ignore_errors=True)
+            write_invalid(rule_id, path)
+        print(f"wrote {len(only)} invalid fixtures under {HERE / 'invalid'}")
+        return
     for kind in ("valid", "invalid"):
         shutil.rmtree(HERE / kind, ignore_errors=True)
         (HERE / kind).mkdir()
     for name in EXAMPLES:
         save(build(name), HERE / "valid" / f"{name}.zarr")
-    store_rules = ["ATTN-STORE-001", "ATTN-STORE-002", "ATTN-STORE-003"]
     for rule_id in [*store_rules, *INVALID]:
         write_invalid(rule_id, HERE / "invalid" / f"{rule_id}.zarr")
     print(f"wrote {len(EXAMPLES)} valid and {len(INVALID) + len(store_rules)} invalid fixtures under {HERE}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -12,7 +12,7 @@ from transformers import BartConfig, BartForConditionalGeneration
 from transformers.models.bart.modeling_bart import shift_tokens_right
 
 import attnformat
-from attnformat.cli import capture as capture_cli
+from attnformat.adapters import cli as capture_cli
 from attnformat.cli import main
 
 

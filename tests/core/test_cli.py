@@ -75,4 +75,5 @@ def test_bad_input_exits_2_without_a_traceback(tmp_path, argv):
 
 def test_version():
     result = subprocess.run([sys.executable, "-m", "attnformat", "--version"], capture_output=True, text=True)
-    assert result.returncode == 0 and "format 1.0.0" in result.stdout
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"attnformat {attnformat.__version__} (format {attnformat.FORMAT_VERSION})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import xarray as xr
 
 import attnformat
 from attnformat.examples import EXAMPLES, build
+from attnformat.conventions import LIMITS
 from attnformat.rules import RULES
 from attnformat.validation import load_schema
 
@@ -39,6 +41,26 @@ def test_invalid_fixture_breaks_exactly_its_rule(rule_id):
     report = attnformat.validate(INVALID / f"{rule_id}.zarr")
     assert not report.ok
     assert {finding.rule_id for finding in report.errors} == {rule_id}, report.format()
+    assert report.damaged == RULES[rule_id].damage  # damage and hostility make `validate` exit 2
+
+
+def test_the_symlink_fixture_is_a_relative_link_that_resolves_inside_the_repository():
+    links = [path for path in (INVALID / "ATTN-STORE-004.zarr").rglob("*") if path.is_symlink()]
+    assert len(links) == 1
+    target = os.readlink(links[0])
+    assert not os.path.isabs(target)
+    assert links[0].resolve() == (SPEC_DIR.parent / "README.md").resolve()  # a fresh clone has it too
+
+
+def test_the_spec_states_every_bound_with_its_value():
+    table = dict(re.findall(r"^\| `(MAX_[A-Z_]+)` \| ([^|]+) \|", _spec_text(), flags=re.MULTILINE))
+    units = {"MiB": 2**20, "GiB": 2**30}
+
+    def value(text):
+        number, _, unit = text.strip().replace(",", "").partition(" ")
+        return int(number) * units.get(unit, 1)
+
+    assert {name: value(text) for name, text in table.items()} == LIMITS
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -10,15 +10,21 @@ from attnformat.examples import build
 
 
 def test_reading_one_head_touches_only_its_chunk(tmp_path):
-    tree = build("dense")
-    path = attnformat.save(tree, tmp_path / "dense.zarr")
+    # Maps of 256 x 256 are large enough to be one chunk each (small maps are grouped).
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 256, 256)).astype("float32")
+    weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    path = tmp_path / "big.zarr"
+    with attnformat.Writer(path, model_name="toy", model_framework="numpy") as writer:
+        site = writer.create_site("encoder/self", sizes={"layer": 2, "head": 3, "query": 256, "key": 256}, attrs={"attention_type": "self", "causal": 0})
+        site.write("weights", weights)
     chunk_dir = path / "encoder" / "self" / "weights" / "c"
     for chunk in chunk_dir.rglob("*"):
         if chunk.is_file() and chunk.relative_to(chunk_dir).parts[:2] != ("1", "2"):
             chunk.write_bytes(b"not a chunk")  # any read of another head would now fail
     opened = attnformat.open(path)
-    np.testing.assert_array_equal(opened["encoder/self"]["weights"].sel(layer=1, head=2).values, tree["encoder/self"]["weights"].values[1, 2])
-    with pytest.raises(Exception):
+    np.testing.assert_array_equal(opened["encoder/self"]["weights"].sel(layer=1, head=2).values, weights[1, 2])
+    with pytest.raises(attnformat.UnreadableFileError, match=r"weights/c/0/0/0/0.*\[ATTN-STORE-005\]"):
         opened["encoder/self"]["weights"].sel(layer=0, head=0).values
 
 

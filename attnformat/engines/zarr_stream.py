@@ -1,0 +1,366 @@
+"""The streaming writer's store: a Zarr directory written node by node, region by region.
+
+:class:`attnformat.Writer` decides what goes where (sites, variables, coordinates, which map a
+``write`` lands in); this module is the only part of it that knows the store is Zarr. Numeric
+regions are written through TensorStore when it is installed and can write the array (Zarr v3),
+otherwise through zarr-python; both write each chunk to a temporary file and rename it into
+place, so a killed process leaves every chunk either as it was or as it was written, never torn.
+A write that covers only part of a chunk (small maps are grouped into one chunk, see
+:func:`attnformat.encoding.map_chunks`) reads the chunk, merges and writes it back: writes are
+applied one at a time, in order (at most one in flight with ``write_behind``), so merging is safe.
+
+Every failure of the storage is raised as :class:`~attnformat.errors.WriteFailedError` naming
+the store (a full disk, a file-size limit, no permission); misuse (a node that exists, a bad
+name) as :class:`~attnformat.errors.WriterError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from attnformat.engines.zarr_encoding import zarr_codecs
+from attnformat.errors import WriteFailedError, WriterError
+
+# Names that a Zarr store (v2 or v3) gives a meaning of its own, or that a path cannot hold.
+_RESERVED_NAMES = {"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata", "c", ".", ".."}
+_BAD_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a group or array (one path component), or None if it can.
+
+    Parameters
+    ----------
+    name
+        One component of a node path (no ``/``).
+
+    Examples
+    --------
+    >>> name_problem("self"), name_problem("zarr.json")
+    (None, "'zarr.json' is a name the storage reserves")
+    """
+    if not isinstance(name, str) or not name:
+        return "names must be non-empty strings"
+    if "/" in name:
+        return f"{name!r} holds '/'"
+    if name in _RESERVED_NAMES or name.startswith(".z") or name.startswith("__"):
+        return f"{name!r} is a name the storage reserves"
+    if _BAD_CHARACTERS.search(name):
+        return f"{name!r} holds a control character or a backslash"
+    if name != name.strip():
+        return f"{name!r} starts or ends with white space"
+    return None
+
+
+def check_node_path(path: str, where: str) -> str:
+    """Return ``path`` (a group path such as ``"encoder/self"``, one leading ``/`` allowed) or
+    raise :class:`WriterError` saying what is wrong with it.
+
+    Parameters
+    ----------
+    path
+        The path to check.
+    where
+        What the message names (the file).
+
+    Examples
+    --------
+    >>> check_node_path("/encoder/self", "x.zarr")
+    'encoder/self'
+    >>> check_node_path("a//b", "x.zarr")
+    Traceback (most recent call last):
+    ...
+    attnformat.errors.WriterError: x.zarr: cannot name a site 'a//b': an empty component (leading, trailing or doubled '/'); use names like 'encoder/self'
+    """
+    if not isinstance(path, str):
+        raise WriterError(f"{where}: a site name must be a string, not {type(path).__name__}")
+    inner = path[1:] if path.startswith("/") else path
+    parts = inner.split("/")
+    if any(part == "" for part in parts):
+        raise WriterError(f"{where}: cannot name a site {path!r}: an empty component (leading, trailing or doubled '/'); use names like 'encoder/self'")
+    for part in parts:
+        problem = name_problem(part)
+        if problem:
+            raise WriterError(f"{where}: cannot name a site {path!r}: {problem}; use names like 'encoder/self'")
+    return inner
+
+
+class StreamingStore:
+    """A Zarr directory store that the streaming writer fills one region at a time.
+
+    Nodes are named by their path in the store (``"encoder/self"``, ``"encoder/self/weights"``;
+    ``""`` is the root). The store is created new: an existing path is an error, never removed.
+
+    Parameters
+    ----------
+    path
+        The directory to create.
+    zarr_format
+        3 (default) or 2.
+    attrs
+        The root group's attributes.
+    write_behind
+        Let :meth:`write` return while its region is still being compressed and stored (at most
+        one write in flight; :meth:`flush` waits for it).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib, zarr
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.partial.zarr"
+    >>> store = StreamingStore(path, attrs={"title": "demo"})
+    >>> store.create_group("self", {"layout": "dense"})
+    >>> store.create_array("self/weights", shape=(2, 3, 3), dims=("head", "query", "key"), dtype="float32",
+    ...                    fill_value=np.nan, chunks=(2, 3, 3))
+    >>> store.write("self/weights", (1, slice(None), slice(None)), np.eye(3), "head 1")
+    >>> store.finish()
+    >>> zarr.open_array(path / "self" / "weights")[1].tolist() == np.eye(3).tolist()
+    True
+    """
+
+    def __init__(self, path: str | os.PathLike, *, zarr_format: int = 3, attrs: Mapping | None = None, write_behind: bool = False):
+        self.path = Path(path)
+        self.zarr_format = zarr_format
+        self.write_behind = write_behind
+        #: True once a write failed: the store is then left as it is (incomplete), never finished.
+        self.failed = False
+        self._arrays: dict[str, zarr.Array] = {}
+        self._groups: dict[str, zarr.Group] = {}
+        self._tensorstores: dict[str, object] = {}
+        self._pending: tuple[Future, str] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        with self._failing_as("creating the store"):
+            self._groups[""] = zarr.open_group(str(self.path), mode="w-", zarr_format=zarr_format, attributes=dict(attrs or {}))
+
+    # -- nodes -------------------------------------------------------------------------------
+    def create_group(self, name: str, attrs: Mapping | None = None) -> None:
+        """Create the group ``name`` and its parents (those that exist are kept), with ``attrs``."""
+        group = self._groups[""]
+        with self._failing_as(f"creating group {name!r}"):
+            for part in name.split("/"):
+                group = group.require_group(part)
+            if attrs:
+                group.attrs.update(dict(attrs))
+        self._groups[name] = group
+
+    def create_array(
+        self,
+        name: str,
+        *,
+        shape: Sequence[int],
+        dims: Sequence[str],
+        dtype,
+        fill_value=None,
+        chunks: Sequence[int] | None = None,
+        attrs: Mapping | None = None,
+        bit_rounded: bool = False,
+    ) -> None:
+        """Create array ``name`` (its group must exist) with dimension names, attributes, chunks and
+        the engine's encoding (Blosc and a checksum per chunk for numbers; ``dtype=str`` for
+        variable-length strings). Chunks default to the whole array."""
+        parent, _, leaf = name.rpartition("/")
+        attrs = dict(attrs or {})
+        kwargs = {}
+        if self.zarr_format == 3:
+            kwargs["dimension_names"] = tuple(dims)
+        else:
+            attrs["_ARRAY_DIMENSIONS"] = list(dims)
+        if dtype is not str:
+            kwargs.update(zarr_codecs(self.zarr_format, bit_rounded=bit_rounded))
+        chunk_shape = tuple(max(1, int(c)) for c in (chunks or shape)) or None
+        with self._failing_as(f"creating array {name!r}"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns about v2 string dtypes and unstable specs
+            self._arrays[name] = self._group(parent).create_array(
+                leaf, shape=tuple(shape), chunks=chunk_shape, dtype=dtype, fill_value=fill_value, attributes=attrs,
+                config={"write_empty_chunks": True}, **kwargs,
+            )
+
+    def rechunk(self, name: str, chunks: Sequence[int]) -> None:
+        """Give array ``name`` another chunk shape; only before anything is written to it."""
+        self.flush()
+        array = self._arrays[name]
+        chunks = tuple(max(1, int(c)) for c in chunks)
+        if tuple(array.chunks) == chunks:
+            return
+        parent, _, leaf = name.rpartition("/")
+        metadata = array.metadata
+        kwargs = {"dimension_names": metadata.dimension_names} if self.zarr_format == 3 else {"filters": metadata.filters}
+        with self._failing_as(f"re-creating array {name!r}"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._arrays[name] = self._group(parent).create_array(
+                leaf, shape=array.shape, chunks=chunks, dtype=array.dtype, fill_value=array.fill_value,
+                attributes=dict(array.attrs), compressors=array.compressors, config={"write_empty_chunks": True},
+                overwrite=True, **kwargs,
+            )
+        self._tensorstores.pop(name, None)
+
+    def set_attrs(self, name: str, attrs: Mapping, *, remove: Sequence[str] = ()) -> None:
+        """Update the attributes of node ``name`` (``""``: the root), removing the keys in ``remove``."""
+        node = self._arrays[name] if name in self._arrays else self._group(name)
+        with self._failing_as(f"writing the attributes of {name or '/'!r}"):
+            if attrs:
+                node.attrs.update(dict(attrs))
+            for key in remove:
+                if key in node.attrs:
+                    del node.attrs[key]
+
+    # -- values ------------------------------------------------------------------------------
+    def write_all(self, name: str, values) -> None:
+        """Write a whole (small) array at once, strings included; waits until it is stored."""
+        self.flush()
+        values = np.asarray(values)
+        with self._failing_as(f"writing {name!r}"):
+            self._arrays[name][...] = values.astype(object) if values.dtype.kind in "OUT" else values
+
+    def write(self, name: str, region: tuple, values: np.ndarray, where: str) -> None:
+        """Write ``values`` into ``array[region]``; ``where`` names the write in error messages.
+
+        Without ``write_behind`` the values are stored when this returns; with it, this returns
+        once the previous write is stored and this one is under way (a failure is raised by the
+        next call or by :meth:`flush`).
+        """
+        self.flush()
+        # With write-behind the values are copied: the caller may reuse its buffer meanwhile.
+        values = np.array(values, dtype=self._arrays[name].dtype, copy=True if self.write_behind else None)
+        handle = self._tensorstore(name)
+        if handle is not None:
+            try:
+                future = handle[region].write(values)
+            except Exception as error:
+                raise self._failure(f"writing {where}", error) from error
+        else:
+            array = self._arrays[name]
+            if self._executor is None and self.write_behind:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnformat-write")
+            if self.write_behind:
+                future = self._executor.submit(array.__setitem__, region, values)
+            else:
+                with self._failing_as(f"writing {where}"):
+                    array[region] = values
+                return
+        self._pending = (future, where)
+        if not self.write_behind:
+            self.flush()
+
+    def resize(self, name: str, shape: Sequence[int]) -> None:
+        """Change the shape of array ``name`` (growing a dimension); chunks written stay."""
+        self.flush()  # no write may be in flight while an array changes shape
+        with self._failing_as(f"resizing {name!r}"):
+            self._arrays[name].resize(tuple(shape))
+        self._tensorstores.pop(name, None)  # reopened with the new shape
+
+    def flush(self) -> None:
+        """Wait until the write in flight (if any) is stored; raise its failure."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        future, where = pending
+        try:
+            future.result()
+        except Exception as error:
+            raise self._failure(f"writing {where}", error) from error
+
+    def finish(self, attrs: Mapping | None = None) -> None:
+        """Flush, update the root attributes with ``attrs``, and consolidate the metadata."""
+        self.flush()
+        if attrs:
+            self.set_attrs("", attrs)
+        with self._failing_as("consolidating the metadata"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(self.path))
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background writer thread (after :meth:`flush`); the store stays on disk."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _group(self, name: str) -> zarr.Group:
+        if name not in self._groups:
+            self.create_group(name)
+        return self._groups[name]
+
+    def _tensorstore(self, name: str):
+        """A TensorStore handle for a numeric Zarr v3 array, or None to write through zarr-python.
+
+        TensorStore is optional. Its Zarr v2 driver knows neither filters nor the ``crc32``
+        checksum, so v2 arrays are always written through zarr-python.
+        """
+        if name in self._tensorstores:
+            return self._tensorstores[name]
+        handle = None
+        array = self._arrays[name]
+        if self.zarr_format == 3 and array.dtype.kind in "biuf":
+            try:
+                import tensorstore
+            except ImportError:
+                tensorstore = None
+            if tensorstore is not None:
+                spec = {
+                    "driver": "zarr3",
+                    "kvstore": {"driver": "file", "path": os.path.abspath(self.path / name)},
+                    # A map of fill values (NaN) is still data the caller wrote: a complete file
+                    # stores every chunk (ATTN-STORE-007).
+                    "store_data_equal_to_fill_value": True,
+                }
+                with self._failing_as(f"opening {name!r}"):
+                    handle = tensorstore.open(spec, open=True, write=True, context=_write_context()).result()
+        self._tensorstores[name] = handle
+        return handle
+
+    def _failure(self, what: str, error: BaseException) -> Exception:
+        """WriteFailedError for a failure of the storage (the store is then marked failed),
+        WriterError for anything else (a value zarr or TensorStore refuses)."""
+        if isinstance(error, (WriteFailedError, WriterError)):
+            return error
+        storage = isinstance(error, OSError) and not isinstance(error, (FileExistsError, NotADirectoryError, IsADirectoryError))
+        if not (storage or _looks_like_storage_failure(error)):
+            return WriterError(f"{self.path}: {what}: {type(error).__name__}: {error}")
+        self.failed = True
+        return WriteFailedError(f"{self.path}: {what} failed ({type(error).__name__}: {error}); what was written before is kept there, marked incomplete")
+
+    def _failing_as(self, what: str):
+        return _Failing(self, what)
+
+
+class _Failing:
+    """Context manager: storage errors become WriteFailedError, zarr's complaints WriterError."""
+
+    def __init__(self, store: StreamingStore, what: str):
+        self.store, self.what = store, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, error, traceback):
+        if error is None or isinstance(error, (WriteFailedError, WriterError)) or not isinstance(error, Exception):
+            return False
+        raise self.store._failure(self.what, error) from error
+
+
+def _looks_like_storage_failure(error: BaseException) -> bool:
+    # TensorStore reports file-system failures as ValueError with a status code in the text.
+    text = str(error)
+    return any(code in text for code in ("RESOURCE_EXHAUSTED", "DATA_LOSS", "PERMISSION_DENIED", "No space left", "File too large", "Disk quota"))
+
+
+_WRITE_CONTEXT: list = []
+
+
+def _write_context():
+    """One TensorStore context for every writer: no fsync per chunk (the store is consolidated and
+    moved into place at the end; a killed process still leaves every completed write on disk)."""
+    import tensorstore
+
+    if not _WRITE_CONTEXT:
+        _WRITE_CONTEXT.append(tensorstore.Context({"file_io_sync": False}))
+    return _WRITE_CONTEXT[0]

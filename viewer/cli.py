@@ -1,0 +1,170 @@
+"""Subcommands that draw: ``plot``, ``report``, ``stats``. Thin wrappers over :mod:`attnformat.viewer`.
+
+The main parser (:mod:`attnformat.cli`) lists these commands by name and imports this module,
+and with it matplotlib, only when one of them runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from attnformat.cli import add_storage_option, storage_keywords
+from attnformat.errors import AttnFormatError
+from attnformat.viewer.catalog import PLOT_KINDS, plot
+from attnformat.viewer.output import FORMATS, save_figure
+from attnformat.viewer.report import report
+from attnformat.viewer.selection import open_source
+from attnformat.viewer.statistics import format_summary, statistics_summary
+
+#: How selectors are read, shown by ``attnformat plot --help``.
+_SELECTOR_HELP = (
+    "Selectors take a label or an index (layer/head/step/time/node: the coordinate value, e.g. "
+    "--layer 3 is the layer labelled 3; query/node also take labels such as --query '[CLS]'); "
+    "--head/--layer/--sample also take 'mean' or 'max' to reduce. Unset, --head is the mean over heads "
+    "and the others their first element."
+)
+
+
+def _selector(text: str):
+    """Integers stay integers (coordinate values or positions); anything else is a label."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _kinds_help() -> str:
+    width = max(len(name) for name in PLOT_KINDS)
+    return "plot kinds:\n" + "\n".join(f"  {name:{width}}  {kind.help}" for name, kind in PLOT_KINDS.items())
+
+
+def add_parser(subparsers, name: str, help: str):  # noqa: A002 - argparse's own keyword
+    """Add the full parser of ``plot``, ``report`` or ``stats`` to the ``attnformat`` parser.
+
+    Parameters
+    ----------
+    subparsers
+        The main parser's subparsers.
+    name
+        The subcommand.
+    help
+        Its one-line help (from :data:`attnformat.cli.COMMANDS`).
+
+    Examples
+    --------
+    >>> from attnformat.cli import build_parser
+    >>> build_parser("plot").parse_args(["plot", "run.zarr", "heatmap", "--layer", "3", "-o", "x.png"]).layer
+    3
+    """
+    return _ADDERS[name](subparsers, help)
+
+
+def _add_plot(subparsers, help: str):  # noqa: A002
+    parser = subparsers.add_parser(
+        "plot", help=help,
+        description="Draw one plot of an attention file. " + _SELECTOR_HELP,
+        epilog=_kinds_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="attention file (.zarr, .zarr.zip, .h5, .nc)")
+    parser.add_argument("kind", help="plot kind (listed below)")
+    parser.add_argument("-o", "--output", required=True, help="output file: .png, .svg (text kept as text) or .pdf")
+    selectors = parser.add_argument_group("selectors")
+    selectors.add_argument("--site", help="site path, e.g. encoder/self (needed when the file has several)")
+    for name in ("layer", "head", "sample", "step", "time", "node"):
+        selectors.add_argument(f"--{name}", type=_selector, help=f"{name} label or index" +
+                               (", or mean/max" if name in ("layer", "head", "sample") else ""))
+    selectors.add_argument("--query", type=_selector, action="append",
+                           help="query label or index (repeat for several: query-profiles, group-bars)")
+    selectors.add_argument("--query-group", type=_selector, action="append", dest="query_groups",
+                           help="query group(s) of the block in group-bars (default: the last group)")
+    options = parser.add_argument_group("options")
+    options.add_argument("--variable", help="weights (default), logits, bias, ...")
+    options.add_argument("--cmap", help="matplotlib colormap name")
+    options.add_argument("--vmin", type=float)
+    options.add_argument("--vmax", type=float)
+    options.add_argument("--log", action="store_true", default=None, help="logarithmic colour scale")
+    options.add_argument("--center", type=float, help="centre of a diverging scale")
+    options.add_argument("--origin", choices=("upper", "lower"), help="first query at the top (upper) or bottom")
+    options.add_argument("--by-group", action="store_true", default=None, help="aggregate tokens to groups (head-grid)")
+    options.add_argument("--aggregate", choices=("mean", "sum", "max"), help="how tokens are aggregated to groups")
+    options.add_argument("--pool", choices=("mean", "max"), help="block pooling of maps larger than --max-size")
+    options.add_argument("--max-size", type=int, help="largest map drawn without pooling (default 1024)")
+    options.add_argument("--k", type=int, help="how many edges or pairs (top-edges, top-pairs)")
+    options.add_argument("--threshold", type=float, help="local/global distance threshold (default 8)")
+    options.add_argument("--bins", type=int, help="distance bins")
+    options.add_argument("--pairwise", help="pairwise variable to compare with (default: distance)")
+    options.add_argument("--over", choices=("head", "layer"), help="image-grid: one panel per head or per layer")
+    options.add_argument("--dpi", type=int, default=150, help="PNG resolution")
+    add_storage_option(parser)
+    parser.set_defaults(run=run_plot)
+    return parser
+
+
+def _add_report(subparsers, help: str):  # noqa: A002
+    parser = subparsers.add_parser("report", help=help, description=help[:1].upper() + help[1:] + ".")
+    parser.add_argument("path", help="attention file or URL (.zarr, .zarr.zip, .h5, .nc)")
+    parser.add_argument("-o", "--output", required=True, help="output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_option(parser)
+    parser.set_defaults(run=run_report)
+    return parser
+
+
+def _add_stats(subparsers, help: str):  # noqa: A002
+    parser = subparsers.add_parser("stats", help=help, description=help[:1].upper() + help[1:] + ".")
+    parser.add_argument("path", help="attention file or URL (.zarr, .zarr.zip, .h5, .nc)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("-o", "--output", help="also write the JSON to this file")
+    parser.add_argument("--variable", default="weights")
+    add_storage_option(parser)
+    parser.set_defaults(run=run_stats)
+    return parser
+
+
+_ADDERS = {"plot": _add_plot, "report": _add_report, "stats": _add_stats}
+
+
+_PLOT_OPTIONS = ("site", "layer", "head", "sample", "step", "time", "node", "variable", "cmap", "vmin", "vmax", "log",
+                 "center", "origin", "by_group", "aggregate", "pool", "max_size", "k", "threshold", "bins", "pairwise",
+                 "over", "query_groups")
+
+
+def run_plot(args) -> int:
+    """``attnformat plot PATH KIND [selectors] -o OUT``."""
+    suffix = os.path.splitext(args.output)[1].lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise AttnFormatError(f"{args.output}: cannot save a plot as {suffix or 'a file without suffix'!r}; use .png, .svg or .pdf")
+    if args.kind not in PLOT_KINDS:
+        raise AttnFormatError(f"no plot kind {args.kind!r}; kinds: {', '.join(PLOT_KINDS)}")
+    options = {name: getattr(args, name) for name in _PLOT_OPTIONS}
+    if args.query:
+        takes = PLOT_KINDS[args.kind].parameters
+        if "queries" in takes:
+            options["queries"] = args.query
+        elif len(args.query) == 1:
+            options["query"] = args.query[0]
+        else:
+            raise AttnFormatError(f"plot kind {args.kind!r} takes one --query, not {len(args.query)}")
+    drawn = plot(open_source(args.path, **storage_keywords(args)), args.kind, **options)
+    save_figure(drawn, args.output, dpi=args.dpi)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def run_report(args) -> int:
+    """``attnformat report PATH -o DIR``."""
+    index = report(args.path, args.output, progress=not args.no_progress, **storage_keywords(args))
+    print(f"wrote {index}")
+    return 0
+
+
+def run_stats(args) -> int:
+    """``attnformat stats PATH [--json] [-o FILE]``."""
+    summary = statistics_summary(args.path, variable=args.variable, **storage_keywords(args))
+    text = json.dumps(summary, indent=2, allow_nan=False)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    print(text if args.json else format_summary(summary))
+    return 0
