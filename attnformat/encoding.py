@@ -15,8 +15,8 @@ Defaults (the spec's section "Storage"):
   random and no codec shrinks them; against bit-shuffle it decodes real attention ~20% faster and
   stores causal maps ~10% smaller, for dense maps 4-7% larger), deflate + shuffle in HDF5
   (readable by every netCDF-C build); bit-rounded variables use bit-shuffle, which lines up the
-  zeroed low mantissa bits so that they vanish; every chunk carries a checksum (each engine's
-  policy: :mod:`attnformat.engines.zarr_encoding` for Zarr);
+  zeroed low mantissa bits so that they vanish; every chunk carries a checksum (crc32c in Zarr,
+  :mod:`attnformat.engines.zarr_encoding`; fletcher32 in HDF5, :mod:`attnformat.engines.hdf5`);
 * strings are variable-length UTF-8; float16 becomes float32 in HDF5 (netCDF4 has no float16).
 
 Lossy storage is never a default. ``keepbits`` rounds the mantissa to that many bits (relative
@@ -119,69 +119,6 @@ def is_map(dims) -> bool:
     (True, True, False)
     """
     return any(dim in MAP_DIMS for dim in dims)
-
-
-def variable_encoding(variable: xr.Variable, engine: str, zarr_format: int = 3) -> dict:
-    """Encoding dict for one variable on one engine (chunks and compression).
-
-    Examples
-    --------
-    >>> import numpy as np, xarray as xr
-    >>> weights = xr.Variable(("head", "query", "key"), np.zeros((2, 4, 4), "float32"))
-    >>> variable_encoding(weights, "hdf5")["chunksizes"]
-    (2, 4, 4)
-    """
-    if engine != "hdf5":
-        from attnformat.engines.zarr_encoding import zarr_variable_encoding
-
-        return zarr_variable_encoding(variable, zarr_format)
-    if variable.dtype.kind in "OUT" or variable.ndim == 0:
-        return {}
-    encoding = {"zlib": True, "complevel": 4, "shuffle": True}
-    if is_map(variable.dims):
-        encoding["chunksizes"] = map_chunks(variable.dims, variable.shape)
-    return encoding
-
-
-def tree_encoding(tree: xr.DataTree, engine: str, zarr_format: int = 3) -> dict:
-    """Encoding for every variable of every group, keyed as ``DataTree.to_zarr`` expects."""
-    encoding = {}
-    for node in tree.subtree:
-        per_variable = {
-            name: variable_encoding(variable, engine, zarr_format)
-            for name, variable in node.dataset.variables.items()
-        }
-        per_variable = {name: enc for name, enc in per_variable.items() if enc}
-        if per_variable:
-            encoding[node.path] = per_variable
-    return encoding
-
-
-def prepare_for_engine(tree: xr.DataTree, engine: str) -> xr.DataTree:
-    """Return a tree whose dtypes the engine stores as the spec says.
-
-    Fixed-width strings become variable-length (object) strings; in HDF5, float16 becomes float32.
-    Encodings carried over from a file that was read are dropped so they cannot fight the defaults.
-    """
-
-    def convert_variable(variable: xr.Variable) -> xr.Variable:
-        if variable.dtype.kind in "OUT":
-            # Strings are small (labels); load them so the engine sees real values, not a dask
-            # array of unknown width, and stores them as variable-length strings.
-            variable = variable.load().astype(object)
-        elif engine == "hdf5" and variable.dtype == np.float16:
-            variable = variable.astype(np.float32)
-        else:
-            variable = variable.copy(deep=False)
-        variable.encoding = {}
-        return variable
-
-    def convert(dataset: xr.Dataset) -> xr.Dataset:
-        coords = {name: convert_variable(dataset.variables[name]) for name in dataset.coords}
-        data_vars = {name: convert_variable(dataset.variables[name]) for name in dataset.data_vars}
-        return xr.Dataset(data_vars, coords, attrs=dataset.attrs)
-
-    return tree.map_over_datasets(convert)
 
 
 def bitround(values: np.ndarray, keepbits: int) -> np.ndarray:

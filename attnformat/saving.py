@@ -89,6 +89,9 @@ def save(
             staged = Path(scratch) / path.name
             engine.write_tree(tree, staged, encoding, zarr_format)
             move_into_place(staged, path)
+    except WriteFailedError as error:
+        # The engine names the staged copy; the user knows the destination.
+        raise WriteFailedError(f"{path}: writing failed ({error}); nothing was replaced") from error
     except AttnFormatError:
         raise
     except OSError as error:

@@ -16,9 +16,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -135,15 +137,24 @@ class ValidationReport:
         return {"source": self.source, "ok": self.ok, "damaged": self.damaged, "findings": [asdict(f) for f in self.findings]}
 
 
-def validate(source: str | os.PathLike | xr.DataTree, *, check_values: bool = True) -> ValidationReport:
+def validate(
+    source: str | os.PathLike | Location | xr.DataTree,
+    *,
+    check_values: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ValidationReport:
     """Check a file (or an in-memory tree) against every rule of the spec.
 
     Parameters
     ----------
     source
-        A path attnformat can open, or an :class:`xarray.DataTree`.
+        A path or URL attnformat can open (or a :class:`attnformat.engines.Location`), or an
+        :class:`xarray.DataTree`.
     check_values
-        Also check values (ranges, row sums, causal and padding zeros), one map at a time.
+        Also check values (ranges, row sums, causal and padding zeros), in blocks of whole rows,
+        reading only the chunks the file stores.
+    storage_options
+        fsspec options for a URL (credentials, ``endpoint_url``...), as for :func:`attnformat.open`.
 
     Returns
     -------
@@ -154,7 +165,9 @@ def validate(source: str | os.PathLike | xr.DataTree, *, check_values: bool = Tr
     Raises
     ------
     attnformat.errors.UnreadableFileError
-        If ``source`` is a path that cannot be opened at all.
+        If ``source`` is a path that cannot be opened at all. Damage and hostility the storage
+        finds (:class:`attnformat.errors.BrokenStoreError`, ATTN-STORE-*) are findings instead,
+        whether found on opening or while reading values; ``report.damaged`` says so.
 
     Examples
     --------
@@ -170,7 +183,7 @@ def validate(source: str | os.PathLike | xr.DataTree, *, check_values: bool = Tr
     else:
         name = str(source)
         try:
-            tree = open_tree(source)
+            tree = open_tree(source, storage_options=storage_options)
         except BrokenStoreError as error:
             report = ValidationReport(name)
             report.add(error.rule_id, error.location, str(error))
@@ -636,9 +649,8 @@ def _positions(dataset, name, dim, dims, region):
     return np.arange(span.start, span.stop).reshape([-1 if d == dim else 1 for d in dims])
 
 
-def _describe(selection: dict, extra: dict | None = None) -> str:
-    items = {**selection, **(extra or {})}
-    return ", ".join(f"{k}={v}" for k, v in items.items()) or "(whole map)"
+def _describe(selection: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in selection.items()) or "(whole map)"
 
 
 def _leading_at(dims: tuple, starts: dict, shape: tuple, flat_index: int) -> dict:

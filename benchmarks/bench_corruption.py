@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant and args.keep:
         print()
         for name in args.variant:
-            print(f"files of {name} are under {args.keep}/variants/ (one folder per variant, in order); rerun e.g.:")
+            print(f"files of {name} are under {args.keep}/variants/NNNNN/ (its variant.json names it); rerun e.g.:")
             print(f"  attnformat validate {args.keep}/variants/00000/{corruption.variant_by_name(name).file_name}")
     if args.json:
         Path(args.json).write_text(json.dumps([failure.__dict__ for failure in result.failures], indent=1))

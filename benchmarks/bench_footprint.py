@@ -3,19 +3,21 @@
 1. Install size of ``pip install attnformat`` (no extras): every file pip puts into a fresh
    ``--target`` folder from a wheel built from this checkout plus its dependencies (from pip's
    cache or the registry), in bytes, without the ``.pyc`` files pip would compile afterwards
-   (``--no-compile``: they depend on the interpreter, and add about a third); then what the ``fast`` extra (TensorStore) adds on top: the
-   distributions ``attnformat[fast]`` resolves to beyond the reader's, installed the same way.
-   Before issue 8 TensorStore was a requirement, so "reader + fast" is the old reader's size.
+   (``--no-compile``: they depend on the interpreter, and add about a third); then what the
+   ``fast`` extra (TensorStore) adds on top: the distributions ``attnformat[fast]`` resolves to
+   beyond the reader's, installed the same way. Before issue 8 TensorStore was a requirement, so
+   "reader + fast" is the old reader's size.
 2. Start-up of ``python -m attnformat --version`` and ``python -m attnformat validate FILE``
    (the valid ``dense`` conformance fixture), wall time of the whole process, for the wheel of
-   this checkout and the wheel of git's HEAD (built from ``git archive HEAD``, nothing in the
-   repository changes), each installed with ``--no-deps`` into its own folder and run from a
-   neutral folder with ``-S`` (the dependencies come from this environment's site-packages, after
-   the wheel). Old and new runs alternate; medians of several runs. Also the heavy modules each
-   run imports (matplotlib, the viewer, the adapters, torch, TensorStore).
+   this checkout and the wheel of an earlier commit (``--before``, default HEAD; built from
+   ``git archive``, nothing in the repository changes; 2a81ffc is the last commit before issue
+   8), each installed with ``--no-deps`` into its own folder and run from a neutral folder with
+   ``-S`` (the dependencies come from this environment's site-packages, after the wheel). Old and
+   new runs alternate; medians of several runs. Also the heavy modules each run imports
+   (matplotlib, the viewer, the adapters, torch, TensorStore).
 
-Run: ``python benchmarks/bench_footprint.py [--skip-install] [--rounds N]``. The install step
-downloads what pip's cache lacks and takes a minute or two.
+Run: ``python benchmarks/bench_footprint.py [--before REF] [--skip-install] [--rounds N]``. The
+install step downloads what pip's cache lacks and takes a minute or two.
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ def checkout_copy(destination: Path) -> Path:
     return destination
 
 
-def head_copy(destination: Path) -> Path:
-    """git's HEAD as files, through git archive (read-only on the repository)."""
+def commit_copy(ref: str, destination: Path) -> Path:
+    """A commit's files, through git archive (read-only on the repository)."""
     destination.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
     return destination
 
@@ -122,13 +124,14 @@ def time_command(env: dict[str, str], argv: list[str], cwd: Path) -> tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="HEAD", help="commit to compare start-up times with (default HEAD)")
     parser.add_argument("--skip-install", action="store_true", help="only the start-up times")
     parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="attnformat-footprint-") as scratch:
         work = Path(scratch)
         new_wheel = build_wheel(checkout_copy(work / "new-source"), work / "new-wheel")
-        old_source = head_copy(work / "old-source")
+        old_source = commit_copy(options.before, work / "old-source")
         old_wheel = build_wheel(old_source, work / "old-wheel")
         if not options.skip_install:
             sizes = install_sizes(new_wheel, work)
@@ -138,20 +141,21 @@ def main() -> None:
             print(f"  + [fast] ({', '.join(sizes['fast_added'])}): +{sizes['fast_extra'] / mb:.1f} MB "
                   f"-> {(sizes['reader'] + sizes['fast_extra']) / mb:.1f} MB (the reader before issue 8, "
                   "when TensorStore was required)")
-        runs = {"HEAD": wheel_only(old_wheel, work / "old-site"), "now": wheel_only(new_wheel, work / "new-site")}
-        fixtures = {"HEAD": old_source / "spec/conformance/valid/dense.zarr", "now": ROOT / "spec/conformance/valid/dense.zarr"}
+        before = options.before
+        runs = {before: wheel_only(old_wheel, work / "old-site"), "now": wheel_only(new_wheel, work / "new-site")}
+        fixtures = {before: old_source / "spec/conformance/valid/dense.zarr", "now": ROOT / "spec/conformance/valid/dense.zarr"}
         neutral = work / "cwd"
         neutral.mkdir()
         for label, argv in (("--version", ["--version"]), ("validate dense.zarr", ["validate", "{fixture}"])):
-            times = {"HEAD": [], "now": []}
+            times = {before: [], "now": []}
             heavy = {}
             for _ in range(options.rounds):
-                for version in ("HEAD", "now"):
+                for version in (before, "now"):
                     words = [word.format(fixture=fixtures[version]) for word in argv]
                     elapsed, heavy[version] = time_command(runs[version], words, neutral)
                     times[version].append(elapsed)
-            old, new = statistics.median(times["HEAD"]), statistics.median(times["now"])
-            print(f"python -m attnformat {label}: HEAD {old * 1000:.0f} ms (heavy imports: {', '.join(heavy['HEAD']) or 'none'}), "
+            old, new = statistics.median(times[before]), statistics.median(times["now"])
+            print(f"python -m attnformat {label}: {before} {old * 1000:.0f} ms (heavy imports: {', '.join(heavy[before]) or 'none'}), "
                   f"now {new * 1000:.0f} ms (heavy imports: {', '.join(heavy['now']) or 'none'}); {old / new:.2f}x")
 
 

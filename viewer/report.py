@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
+import xarray as xr
 from tqdm.auto import tqdm
 
+from attnformat.engines import Location
 from attnformat.errors import AttnFormatError
 from attnformat.reading import source_of
 from attnformat.text import for_html, for_markdown, markdown_code, markdown_fence
@@ -297,7 +298,7 @@ def _write_html(path: Path, source: str, items, pairs) -> None:
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI) -> Path:
+def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI, storage_options=None) -> Path:
     """Render every plot a file supports into ``out_dir`` with ``index.html``, ``summary.md`` and ``stats.json``.
 
     Parameters
@@ -310,6 +311,8 @@ def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI) -> 
         Show a progress bar (tqdm) on stderr.
     dpi
         Resolution of the PNG files.
+    storage_options
+        fsspec options for a URL, as for :func:`attnformat.open`.
 
     Returns
     -------
@@ -323,6 +326,8 @@ def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI) -> 
     >>> report(attnformat.example_path("frames"), tempfile.mkdtemp(), progress=False).name
     'index.html'
     """
+    if storage_options is not None and not isinstance(source, xr.DataTree):
+        source = Location.of(source, storage_options)
     tree = open_source(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

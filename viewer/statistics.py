@@ -13,6 +13,9 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from attnformat.engines import Location
+from attnformat.errors import AttnFormatError
+from attnformat.reading import source_of
 from attnformat.text import for_terminal
 from attnformat.viewer.colors import BAR_COLOR
 from attnformat.viewer.output import axes_or_new, grid
@@ -122,6 +125,10 @@ def attention_statistics(source, *, site=None, variable: str = "weights", thresh
     return _statistics_and_moments(resolve_site(source, site), variable, threshold)[0]
 
 
+#: The most maps one statistics call summarises (a table of this many rows is ~0.5 GB).
+MAX_STATISTICS_MAPS = 10_000_000
+
+
 def _statistics_and_moments(site_node, variable: str, threshold: float):
     """The per-map statistics and, from the same reads, exact per-layer sums for mean/std/min/max."""
     array = site_node[variable]
@@ -132,6 +139,14 @@ def _statistics_and_moments(site_node, variable: str, threshold: float):
     outer = [d for d in leading if d not in inner]
     local = None if edge else _local_mask(site_node, array.sizes["query"], array.sizes["key"], threshold)
     normalized_axis = -2 if site_node.attrs.get("normalized_dim") == "query" else -1
+    maps = math.prod(array.sizes[d] for d in outer + inner)
+    if maps > MAX_STATISTICS_MAPS:
+        # A file can declare any number of maps in a few bytes; the per-map table would be
+        # allocated (and the maps read) before anything is found missing.
+        raise AttnFormatError(
+            f"{source_of(site_node)}: site {site_name(site_node)} declares {maps:,} maps of {variable}; statistics "
+            f"are computed for at most {MAX_STATISTICS_MAPS:,} at a time [ATTN-STORE-006]; select fewer (e.g. one sample)"
+        )
     results = {name: np.full([array.sizes[d] for d in outer + inner], np.nan) for name in STATISTICS}
     moments = {}
     for index in itertools.product(*(range(array.sizes[d]) for d in outer)):
@@ -197,10 +212,22 @@ def _json_number(value) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def statistics_summary(source, *, variable: str = "weights", threshold: float = DEFAULT_THRESHOLD) -> dict:
+def statistics_summary(source, *, variable: str = "weights", threshold: float = DEFAULT_THRESHOLD,
+                       storage_options=None) -> dict:
     """Per site and layer: layer, type, mean, std, min, max, shape (seed 001's JSON), plus entropy,
     sink score, local and global mean attention and their ratio (seed 002's printout), and the same
     per head.
+
+    Parameters
+    ----------
+    source
+        Path, URL or tree.
+    variable
+        The attention variable to summarise.
+    threshold
+        Distance below which a pair counts as local (see :func:`attention_statistics`).
+    storage_options
+        fsspec options for a URL, as for :func:`attnformat.open`.
 
     Examples
     --------
@@ -211,6 +238,8 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
     >>> entry["layer"], entry["type"], entry["shape"]
     (0, 'cross_attention', [2, 5, 7])
     """
+    if storage_options is not None and not isinstance(source, xr.DataTree):
+        source = Location.of(source, storage_options)
     sites = sites_of(source)
     summary = {"source": str(sites[0].root.encoding.get("source", "<in-memory tree>")) if sites else "", "sites": {}}
     for site_node in sites:

@@ -82,6 +82,14 @@ _TIME_UNITS = ("days", "hours", "minutes", "seconds", "milliseconds", "microseco
 # Attributes h5netcdf keeps out of sight (netCDF's bookkeeping), plus what xarray moves to encoding.
 _NETCDF_ATTRS = frozenset(["REFERENCE_LIST", "CLASS", "DIMENSION_LIST", "NAME", "_Netcdf4Dimid", "_Netcdf4Coordinates", "_nc3_strict", "_NCProperties"])
 _DIMENSION_ONLY = b"This is a netCDF dimension but not a netCDF variable"
+#: Attribute holding the CRC-32 of a string variable's text. No HDF5 checksum covers text (it
+#: lives in global heaps), so without it a flipped letter of a label reads back as another letter.
+TEXT_CHECKSUM_ATTR = "attnformat_text_crc32"
+#: Attribute holding, per chunk of a chunked dataset (C order of the chunk grid), the chunk's
+#: fletcher32 trailer (-1 where no chunk is stored). fletcher32 proves a chunk's bytes are the bytes
+#: written, not that they were written there: two chunks swapped in the file (with their trailers)
+#: both pass. Comparing each chunk's trailer with this list catches that, and chunks that vanish.
+CHUNK_TRAILERS_ATTR = "attnformat_chunk_trailers"
 # How many chunks of a failed read are tried one by one to name the damaged one.
 _CHUNKS_TRIED = 4096
 
@@ -101,7 +109,8 @@ class Hdf5Engine:
 
     name = "hdf5"
     #: dtypes netCDF4 cannot hold, and what they are stored as.
-    dtype_changes = {"float16": "float32"}
+    #: dtype -> (stored dtype, why): what :func:`attnformat.save` and ``convert`` change and report.
+    dtype_changes = {"float16": ("float32", "netCDF4 has no float16")}
 
     def screen(self, location: Location) -> None:
         """Refuse unsafe or damaged files before anything parses them (:func:`hdf5_screen.screen`)."""
@@ -249,6 +258,7 @@ class Hdf5Engine:
         except OSError as error:
             raise WriteFailedError(f"{path}: cannot create the HDF5 file ({error.strerror or error}); check the directory and permissions") from error
         recorder = _FailureRecordingFile(raw)
+        tree = tree.map_over_datasets(_with_text_checksums)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -270,6 +280,11 @@ class Hdf5Engine:
         if recorder.error is not None:
             _remove(path)
             raise _write_failed(path, recorder.error) from recorder.error
+        try:
+            _seal(path)
+        except OSError as error:
+            _remove(path)
+            raise WriteFailedError(f"{path}: recording the chunk trailers failed ({error.strerror or error}); the partial file was removed") from error
 
 
 class _FailureRecordingFile(io.RawIOBase):
@@ -339,6 +354,54 @@ class _FailureRecordingFile(io.RawIOBase):
         pass  # the engine closes the real file, after the write
 
 
+def _seal(path: Path) -> None:
+    """Record every fletcher32-checked dataset's chunk trailers (:data:`CHUNK_TRAILERS_ATTR`)."""
+    import h5py
+
+    with h5py.File(path, "r+") as h5file:
+        datasets = []
+        h5file.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) and obj.chunks and obj.fletcher32 else None)
+        for dataset in datasets:
+            dataset.attrs[CHUNK_TRAILERS_ATTR] = np.array([_trailer(dataset, grid) for grid in np.ndindex(*_grid_shape(dataset))], dtype=np.int64)
+
+
+def _grid_shape(dataset) -> tuple[int, ...]:
+    return tuple(-(-size // chunk) for size, chunk in zip(dataset.shape, dataset.chunks))
+
+
+def _trailer(dataset, grid: tuple[int, ...]) -> int:
+    """The stored chunk's last 4 bytes (its fletcher32) as an integer, or -1 if not stored."""
+    offset = tuple(index * chunk for index, chunk in zip(grid, dataset.chunks))
+    info = dataset.id.get_chunk_info_by_coord(offset)
+    if info.byte_offset is None or not info.size:
+        return -1
+    raw = dataset.id.read_direct_chunk(offset)[1]
+    return int.from_bytes(bytes(raw[-4:]), "little")
+
+
+def _check_trailers(dataset, key, where: str) -> None:
+    """Raise [ATTN-STORE-005/007] if a chunk read at ``key`` is not the one recorded there."""
+    if CHUNK_TRAILERS_ATTR not in dataset.attrs or not dataset.chunks:
+        return  # written before chunk trailers were recorded (format 1.0), or not chunked
+    recorded = np.asarray(dataset.attrs[CHUNK_TRAILERS_ATTR]).ravel()
+    grid_shape = _grid_shape(dataset)
+    if recorded.size != int(np.prod(grid_shape)):
+        raise BrokenStoreError(f"{where}: the chunk list of {dataset.name} does not fit its shape [ATTN-STORE-005]; the file is damaged", "ATTN-STORE-005", location=dataset.name)
+    for grid in itertools.islice(_touched_chunks(dataset, key), _CHUNKS_TRIED):
+        expected = int(recorded[np.ravel_multi_index(grid, grid_shape)])
+        found = _trailer(dataset, grid)
+        if found == expected:
+            continue
+        if found == -1:
+            raise BrokenStoreError(f"{where}: chunk {grid} of {dataset.name} is missing [ATTN-STORE-007]; the file was damaged", "ATTN-STORE-007", location=dataset.name)
+        raise BrokenStoreError(
+            f"{where}: chunk {grid} of {dataset.name} holds bytes written for another place, or damaged ones [ATTN-STORE-005]; "
+            "restore the file from a copy",
+            "ATTN-STORE-005",
+            location=dataset.name,
+        )
+
+
 def _write_failed(path: Path, error: OSError) -> WriteFailedError:
     reason = error.strerror or str(error)
     return WriteFailedError(f"{path}: writing the HDF5 file failed ({reason}); the partial file was removed. Free some space or choose another place")
@@ -364,6 +427,52 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+def text_checksum(values) -> int:
+    """CRC-32 of an array of strings: each string's UTF-8 bytes, length-prefixed, in C order.
+
+    Examples
+    --------
+    >>> text_checksum(["[CLS]", "cat"]) == text_checksum(["[CLS]", "cat"]), text_checksum(["a", "b"]) == text_checksum(["ab", ""])
+    (True, False)
+    """
+    import zlib
+
+    checksum = 0
+    for text in np.asarray(values, dtype=object).ravel():
+        encoded = str(text).encode("utf-8", "surrogatepass")
+        checksum = zlib.crc32(len(encoded).to_bytes(8, "little") + encoded, checksum)
+    return checksum
+
+
+def _with_text_checksums(dataset: xr.Dataset) -> xr.Dataset:
+    """Every string variable gets the CRC-32 of its text as an attribute (checked on read)."""
+    changed = {}
+    for name, variable in dataset.variables.items():
+        if variable.dtype.kind in "OUT":
+            values = variable.values
+            changed[name] = variable.copy(deep=False)
+            changed[name].attrs = {**variable.attrs, TEXT_CHECKSUM_ATTR: np.int64(text_checksum(values))}
+    if not changed:
+        return dataset
+    return dataset.assign_coords({n: v for n, v in changed.items() if n in dataset.coords}).assign(
+        {n: v for n, v in changed.items() if n in dataset.data_vars}
+    )
+
+
+def _verify_text(values, attrs: dict, where: str, name: str) -> None:
+    """Raise [ATTN-STORE-005] if a string variable's text does not match its stored CRC-32."""
+    if TEXT_CHECKSUM_ATTR not in attrs:
+        return  # written before checksums (format 1.0)
+    stored = int(np.asarray(attrs[TEXT_CHECKSUM_ATTR]).ravel()[0])
+    if text_checksum(values) != stored:
+        raise BrokenStoreError(
+            f"{where}: the text of {name} does not match its checksum [ATTN-STORE-005]; a label or "
+            "string is damaged. Restore the file from a copy",
+            "ATTN-STORE-005",
+            location=name,
+        )
+
+
 def _is_scalar(value) -> bool:
     return isinstance(value, (str, bytes, int, float, np.generic)) and not isinstance(value, bool)
 
@@ -386,6 +495,7 @@ class _GuardedArray(BackendArray):
         self.h5file = h5file
         self.where = where
         self.node = node
+        self.checked = False  # set when the dataset records its chunk trailers
 
     def __getitem__(self, key):
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._read)
@@ -397,6 +507,10 @@ class _GuardedArray(BackendArray):
             raise
         except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
             raise _read_error(self.h5file, self.where, self.node, key, error) from error
+        if self.checked:
+            dataset = _find_dataset(self.h5file, self.node)
+            if dataset is not None:
+                _check_trailers(dataset, key, self.where)
         return values.astype(object) if values.dtype.kind == "U" else values
 
 
@@ -405,12 +519,27 @@ def _guarded(dataset: xr.Dataset, h5file, where: str, node: str) -> xr.Dataset:
     node = node.rstrip("/")
     replaced = {}
     for name, variable in dataset.variables.items():
+        if TEXT_CHECKSUM_ATTR in variable.attrs:
+            # Text is small (labels): read it now and check it against its checksum.
+            try:
+                values = np.asarray(variable.values).astype(object)
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
+                raise UnreadableFileError(f"{where}: cannot read {node}/{name} ({_one_line(error)}); the file is damaged") from error
+            _verify_text(values, variable.attrs, where, f"{node}/{name}")
+            attrs = {key: value for key, value in variable.attrs.items() if key != TEXT_CHECKSUM_ATTR}
+            replaced[name] = xr.Variable(variable.dims, values, attrs, variable.encoding)
+            continue
         if name in dataset.indexes:
-            if variable.dtype.kind == "U":
-                replaced[name] = variable.astype(object)
+            # Index coordinates are in memory already (small; fletcher32 checked them on read).
+            if variable.dtype.kind == "U" or CHUNK_TRAILERS_ATTR in variable.attrs:
+                index = variable.astype(object) if variable.dtype.kind == "U" else variable.copy(deep=False)
+                index.attrs = {key: value for key, value in variable.attrs.items() if key != CHUNK_TRAILERS_ATTR}
+                replaced[name] = index
             continue
         guarded = _GuardedArray(variable, h5file, where, f"{node}/{name}")
-        replaced[name] = xr.Variable(variable.dims, indexing.LazilyIndexedArray(guarded), variable.attrs, variable.encoding)
+        guarded.checked = CHUNK_TRAILERS_ATTR in variable.attrs
+        attrs = {key: value for key, value in variable.attrs.items() if key != CHUNK_TRAILERS_ATTR}
+        replaced[name] = xr.Variable(variable.dims, indexing.LazilyIndexedArray(guarded), attrs, variable.encoding)
     return dataset.assign_coords({name: value for name, value in replaced.items() if name in dataset.coords}).assign(
         {name: value for name, value in replaced.items() if name in dataset.data_vars}
     )
@@ -444,18 +573,23 @@ def _find_dataset(h5file, name: str):
         return None
 
 
+def _touched_chunks(dataset, key):
+    """Grid indices of the chunks a selection ``key`` touches (lazily, in C order)."""
+    ranges = []
+    for item, size, chunk in zip(_as_tuple(key, dataset.ndim), dataset.shape, dataset.chunks):
+        if isinstance(item, (int, np.integer)):
+            ranges.append([(int(item) % max(size, 1)) // chunk])
+        elif isinstance(item, slice):
+            start, stop, step = item.indices(size)
+            ranges.append(range(start // chunk, -(-stop // chunk)) if step == 1 else sorted({p // chunk for p in range(start, stop, step)}))
+        else:
+            ranges.append(sorted({int(p) // chunk for p in np.asarray(item).ravel().tolist()}))
+    return itertools.product(*ranges)
+
+
 def _failing_chunk(dataset, key) -> tuple[int, ...] | None:
     """Grid index of the first chunk touched by ``key`` that fails to read (a bounded search)."""
-    ranges = []
-    for axis, (item, size, chunk) in enumerate(zip(_as_tuple(key, dataset.ndim), dataset.shape, dataset.chunks)):
-        if isinstance(item, (int, np.integer)):
-            positions = [int(item) % max(size, 1)]
-        elif isinstance(item, slice):
-            positions = range(*item.indices(size))
-        else:
-            positions = np.asarray(item).ravel().tolist()
-        ranges.append(sorted({position // chunk for position in positions}))
-    for grid in itertools.islice(itertools.product(*ranges), _CHUNKS_TRIED):
+    for grid in itertools.islice(_touched_chunks(dataset, key), _CHUNKS_TRIED):
         region = tuple(slice(index * chunk, min((index + 1) * chunk, size)) for index, chunk, size in zip(grid, dataset.chunks, dataset.shape))
         try:
             dataset[region]
@@ -562,6 +696,7 @@ def _read_map(h5file, where: str, site: str | None, variable: str, selection: di
         data = _decoded(plan["is_bool"], _values(target, read_key))
     except (OSError, RuntimeError, ValueError) as error:
         raise _read_error(h5file, where, target.name, read_key, error) from error
+    _check_trailers(target, read_key, where)
     positions = dict(zip(dims, index))
     coords = {}
     for name, coord_dims, attrs, values in plan["coords"]:
@@ -632,6 +767,8 @@ def _plan(h5file, site: str | None, variable: str) -> dict | None:
     for name, (member, coord_dims, attrs, is_scale) in layout.items():
         if name != variable and (is_scale or name in coordinate_names) and set(coord_dims) <= set(dims):
             values[name] = _decoded(_is_bool(attrs, member), _values(member))
+            if values[name].dtype == object:
+                _verify_text(values[name], attrs, h5file.filename, member.name)
             coords.append((name, coord_dims, _public(attrs), values[name]))
     lookup = {}
     for dim in dims:
@@ -666,7 +803,7 @@ def _decoded(is_bool: bool, values: np.ndarray) -> np.ndarray:
 
 def _public(attrs: dict) -> dict:
     """Attributes as xarray shows them: without what its decoding moves into ``encoding``."""
-    hidden = {"_FillValue", "coordinates"}
+    hidden = {"_FillValue", "coordinates", TEXT_CHECKSUM_ATTR, CHUNK_TRAILERS_ATTR}
     if attrs.get("dtype") == "bool":
         hidden.add("dtype")
     return {name: value for name, value in attrs.items() if name not in hidden}

@@ -27,6 +27,7 @@ from attnformat.engines import zarr_sync
 from attnformat.engines.common import Location
 from attnformat.engines.remote import zarr_store
 from attnformat.engines.zarr_encoding import zarr_variable_encoding
+from attnformat.engines.zarr_manifest import MANIFEST_ATTR, seal
 from attnformat.engines.zarr_screen import screen_zarr, screened_store, stored_chunks
 from attnformat.errors import AttnFormatError, BrokenStoreError, UnreadableFileError
 
@@ -176,6 +177,7 @@ def _group_layout(group_attrs: dict, arrays: dict[str, zarr.Array], where: str) 
         attrs = dict(array.attrs)
         attrs.pop("_ARRAY_DIMENSIONS", None)
         attrs.pop("_FillValue", None)
+        attrs.pop(MANIFEST_ATTR, None)
         coord_names.update(str(attrs.pop("coordinates", "")).split())
         attrs_of[name] = attrs
     coord_names.update(name for name, dims in dims_of.items() if dims == (name,))
@@ -281,6 +283,7 @@ class ZarrEngine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tree.to_zarr(str(path), mode="w-", zarr_format=zarr_format, consolidated=True, encoding=encoding)
+        seal(path)  # every array's chunk manifest, so chunks cannot swap places unseen
 
 
 class ZarrZipEngine(ZarrEngine):

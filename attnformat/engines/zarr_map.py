@@ -156,5 +156,7 @@ def _array_metadata(node: dict):
 
 def _public_attrs(attrs: dict, *also_hidden: str) -> dict:
     """Attributes as the tree shows them: without the storage-level ones."""
-    hidden = ("_ARRAY_DIMENSIONS", "_FillValue", *also_hidden)
+    from attnformat.engines.zarr_manifest import MANIFEST_ATTR
+
+    hidden = ("_ARRAY_DIMENSIONS", "_FillValue", MANIFEST_ATTR, *also_hidden)
     return {key: value for key, value in attrs.items() if key not in hidden}

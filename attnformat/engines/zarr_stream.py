@@ -268,13 +268,15 @@ class StreamingStore:
             raise self._failure(f"writing {where}", error) from error
 
     def finish(self, attrs: Mapping | None = None) -> None:
-        """Flush, update the root attributes with ``attrs``, and consolidate the metadata."""
+        """Flush, update the root attributes with ``attrs``, record every array's chunk manifest
+        (:mod:`attnformat.engines.zarr_manifest`) and consolidate the metadata."""
+        from attnformat.engines.zarr_manifest import seal
+
         self.flush()
         if attrs:
             self.set_attrs("", attrs)
-        with self._failing_as("consolidating the metadata"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(self.path))
+        with self._failing_as("sealing the store"):
+            seal(self.path)
         self.close()
 
     def close(self) -> None:

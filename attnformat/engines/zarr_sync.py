@@ -46,6 +46,7 @@ from itertools import product
 
 import numpy as np
 
+from attnformat.engines import zarr_manifest
 from attnformat.engines.zarr_screen import MAX_CHUNK_BYTES, open_regular_file
 from attnformat.errors import AttnFormatError, BrokenStoreError
 
@@ -325,6 +326,7 @@ class _Plan:
         self.local = isinstance(inner, LocalStore)
         self.synchronous = self.local or callable(getattr(store, "get_sync", None))
         self.fetched: dict | None = None
+        self.manifest = zarr_manifest.expected_chunks(metadata)
 
     def keys(self) -> list[str]:
         return [self.metadata.encode_chunk_key(coords) for coords in self.chunk_coords]
@@ -356,10 +358,12 @@ class _Plan:
         try:
             with self._encoded(key, name) as raw:
                 if raw is None:
-                    if self.chunks_required:
+                    if self.chunks_required or key in (self.manifest or ()):
                         raise chunk_error(name, location, "is missing (never written, or lost)", "ATTN-STORE-007")
                     destination[...] = _fill_value(self.metadata)
                     return
+                if self.manifest is not None:
+                    zarr_manifest.check(self.metadata, key, raw, name, location)
                 if whole and destination.flags.c_contiguous and _decode_into(self.metadata, raw, destination, name, location):
                     return  # decoded in place: no temporary chunk, no copy
                 decoded = _decode(self.metadata, raw, coords, name, location)

@@ -22,7 +22,9 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
+import attnformat
 from attnformat.engines import zarr_screen, zarr_sync
+from attnformat.examples import build
 from attnformat.engines.common import Location
 from attnformat.engines.zarr import _LazyZarrArray, _read_eagerly
 from attnformat.errors import BrokenStoreError
@@ -293,3 +295,51 @@ def test_bzip2_and_lzma_bombs_are_stopped_at_the_chunks_declared_size(tmp_path, 
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20  # the 64 MiB are never produced; lzma's own dictionary is 8 MiB
+
+
+# -- the chunk manifest: chunks that swap places, coordinate chunks that vanish -----------------
+
+
+def _big_file(path):
+    """Maps of 256 x 256: one chunk each (small maps would share a chunk)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 256, 256)).astype("float32")
+    weights = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    with attnformat.Writer(path, model_name="toy", model_framework="numpy") as writer:
+        site = writer.create_site("encoder/self", sizes={"layer": 2, "head": 3, "query": 256, "key": 256}, attrs={"attention_type": "self", "causal": 0})
+        for layer in range(2):
+            site.write("weights", weights[layer], layer=layer)
+    return weights
+
+
+@pytest.mark.parametrize("road", ["writer", "save-v3", "save-v2"])
+def test_chunks_swapped_between_maps_are_caught_by_the_manifest(tmp_path, road):
+    import shutil
+
+    path = tmp_path / "big.zarr"
+    weights = _big_file(tmp_path / "written.zarr")
+    if road == "writer":
+        shutil.move(tmp_path / "written.zarr", path)
+    else:
+        attnformat.save(attnformat.open(tmp_path / "written.zarr").load(), path, zarr_format=2 if road == "save-v2" else 3)
+    array_dir = path / "encoder/self/weights"
+    chunks = sorted(p for p in array_dir.rglob("*") if p.is_file() and p.name not in ("zarr.json", ".zarray", ".zattrs"))
+    assert len(chunks) == 6
+    first, second = chunks[0].read_bytes(), chunks[1].read_bytes()
+    chunks[0].write_bytes(second)
+    chunks[1].write_bytes(first)
+    # The ground truth: zarr reads the swap silently, since each chunk passes its own checksum.
+    assert not np.array_equal(zarr.open_array(array_dir, mode="r")[...], weights)
+    with pytest.raises(attnformat.UnreadableFileError, match=r"manifest.*\[ATTN-STORE-005\]"):
+        attnformat.open(path)["encoder/self"]["weights"].values
+    with pytest.raises(attnformat.UnreadableFileError, match=r"\[ATTN-STORE-005\]"):
+        attnformat.read_map(path, "encoder/self", layer=0, head=0)
+    report = attnformat.validate(path)
+    assert "ATTN-STORE-005" in report.rule_ids and report.damaged
+
+
+def test_a_lost_coordinate_chunk_is_caught_by_the_manifest(tmp_path):
+    path = attnformat.save(build("dense"), tmp_path / "dense.zarr")
+    (path / "encoder/self/query_label/c/0").unlink()
+    with pytest.raises(attnformat.UnreadableFileError, match=r"query_label.*\[ATTN-STORE-007\]"):
+        attnformat.open(path)

@@ -388,7 +388,8 @@ def test_convert_onto_a_full_disk_exits_2_and_leaves_nothing(small_disk, large_s
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(destination) in lines[0] and "Traceback" not in result.stderr, result.stderr
     left = sorted(folder.iterdir())
-    assert not [p.name for p in left if p.name.startswith(".") or "tmp" in p.name], left  # no scratch files
+    scratch = [p for p in left if p.name.startswith(".") or "tmp" in p.name]
+    assert not scratch, (result.stderr, [str(p) for folder in scratch for p in folder.rglob("*")])  # no scratch files
     for kept in left:  # a partial may stay for the user to inspect; it must not claim to be complete
         try:
             tree = attnformat.open(kept)
@@ -444,7 +445,9 @@ def test_every_reading_command_takes_storage_options_for_a_url(s3_copy, tmp_path
     run("convert", url, str(tmp_path / "copy.h5"), *given)
     xr.testing.assert_equal(xr.open_datatree(tmp_path / "copy.h5", engine="h5netcdf").load(),
                             xr.open_datatree(local, engine="zarr").load())
-    assert json.loads(run("stats", url, "--json", *given)) == json.loads(run("stats", str(local), "--json"))
+    remote_stats, local_stats = json.loads(run("stats", url, "--json", *given)), json.loads(run("stats", str(local), "--json"))
+    assert remote_stats.pop("source") == url and local_stats.pop("source") == str(local)
+    assert remote_stats == local_stats
     run("plot", url, "heatmap", "--layer", "1", "--head", "2", "-o", str(tmp_path / "remote.png"), *given)
     run("plot", str(local), "heatmap", "--layer", "1", "--head", "2", "-o", str(tmp_path / "local.png"))
     import matplotlib.image

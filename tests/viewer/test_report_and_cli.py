@@ -70,9 +70,9 @@ def test_hostile_labels_stay_inside_the_directory_and_are_escaped(tmp_path):
     assert "<s>" not in summary and "<script>" not in summary
     table = [line for line in summary.splitlines() if line.startswith("| ") and "weight" not in line]
     assert table and all(line.count(" | ") == 2 for line in table)  # labels cannot add table columns
-    from attnformat.viewer.report import _markdown_cell
+    from attnformat.text import for_markdown
 
-    assert _markdown_cell("a | <b>") == "a \\| &lt;b&gt;"
+    assert for_markdown("a | <b>") == "a \\| \\<b\\>"
     assert safe_file_name("../../etc/passwd") == "etc_passwd"
     assert safe_file_name("...") == "plot"
 
