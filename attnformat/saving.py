@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import dask
 import xarray as xr
 
 from attnformat.encoding import apply_keepbits
 from attnformat.engines import Location, engine_for
 from attnformat.engines.placement import move_into_place
-from attnformat.errors import AttnFormatError, NonConformingError, WriteFailedError
+from attnformat.errors import AttnFormatError, BrokenStoreError, NonConformingError, WriteFailedError
 
 
 
@@ -62,12 +64,17 @@ def save(
     >>> attnformat.save(tree, out).suffix
     '.h5'
     """
+    from attnformat.reading import source_of
+    from attnformat.rules import DAMAGE_RULES
     from attnformat.validation import validate
 
     path = Path(path)
     engine = engine_for(path)
     if check != "none":
         report = validate(tree, check_values=(check == "full"))
+        if report.damaged:  # the source is damaged or hostile: name it, not the destination
+            finding = next(f for f in report.errors if f.rule_id in DAMAGE_RULES)
+            raise BrokenStoreError(f"{source_of(tree)}: {finding.location}: {finding.message}", finding.rule_id, finding.location)
         if not report.ok:
             raise NonConformingError(f"{path}: refusing to write a nonconforming tree:\n{report.format()}", report)
     if path.exists() and not overwrite:
@@ -85,13 +92,20 @@ def save(
     tree = _chunked_like(tree, encoding)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
-            staged = Path(scratch) / path.name
-            engine.write_tree(tree, staged, encoding, zarr_format)
+        scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            staged = scratch / path.name
+            # dask's own pool would keep writing chunks into the scratch directory after a task
+            # failed (a full disk); leaving this block waits for every task already started.
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, dask.config.set(pool=pool):
+                engine.write_tree(tree, staged, encoding, zarr_format)
             move_into_place(staged, path)
+        finally:
+            _remove_scratch(scratch)
     except WriteFailedError as error:
         # The engine names the staged copy; the user knows the destination.
-        raise WriteFailedError(f"{path}: writing failed ({error}); nothing was replaced") from error
+        reason = getattr(error.__cause__, "strerror", None) or str(error).split(": ", 1)[-1]
+        raise WriteFailedError(f"{path}: writing failed ({reason}); nothing was replaced") from error
     except AttnFormatError:
         raise
     except OSError as error:
@@ -99,6 +113,13 @@ def save(
         # if any, is untouched.
         raise WriteFailedError(f"{path}: writing failed ({error.strerror or error}); nothing was replaced") from error
     return path
+
+
+def _remove_scratch(scratch: Path) -> None:
+    """Remove a scratch directory (after its writers have stopped), even on a full disk."""
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _chunked_like(tree: xr.DataTree, encoding: dict) -> xr.DataTree:

@@ -199,7 +199,35 @@ def validate(
                 finding = Finding(error.rule_id, "error", error.location or "/", str(error))
                 if finding not in report.findings:  # one damaged node can break several sites
                     report.add(error.rule_id, error.location, str(error))
+    if check_values and storage is not None:
+        _check_every_chunk(tree, report, storage)
     return report
+
+
+def _check_every_chunk(tree: xr.DataTree, report: ValidationReport, storage: _Storage) -> None:
+    """Read every stored chunk of every other variable once, so that the engine's checks
+    (checksums, sizes, the chunk manifest) run on all of them: damage in a bias, an image, a
+    distance or a coordinate is a finding too [ATTN-STORE-005/007]. Site weights were read by the
+    value checks already. One chunk in memory at a time."""
+    for node in tree.subtree:
+        site = is_site(node.attrs)
+        for name, variable in node.dataset.variables.items():
+            if site and name == "weights":
+                continue
+            path = f"{node.path.strip('/')}/{name}".lstrip("/")
+            try:
+                listing = storage.listing(path)
+                if listing is None or len(listing[0]) != variable.ndim:
+                    variable.values  # noqa: B018 - reading is the check
+                    continue
+                chunk_shape, stored = listing
+                for index in _stored_within(stored, _chunk_grid(variable.shape, chunk_shape)):
+                    region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk_shape))
+                    variable[region].values  # noqa: B018 - reading is the check
+            except BrokenStoreError as error:
+                finding = Finding(error.rule_id, "error", error.location or "/", str(error))
+                if finding not in report.findings:
+                    report.add(error.rule_id, error.location, str(error))
 
 
 # -- attributes through the JSON Schemas -------------------------------------------------------

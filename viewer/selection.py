@@ -17,6 +17,7 @@ import xarray as xr
 
 from attnformat import resolving
 from attnformat.conventions import LABEL_COORDS, MASK_COORDS, is_site
+from attnformat.engines import Location
 from attnformat.errors import AttnFormatError, NonConformingError, SelectionError, UnreadableFileError
 from attnformat.reading import get_site, open as open_tree, site_paths, source_of
 from attnformat.validation import validate
@@ -31,13 +32,15 @@ DISPLAY_SIZE = 1024
 _STREAM_ELEMENTS = 1 << 25
 
 
-def open_source(source) -> xr.DataTree:
+def open_source(source, storage_options=None) -> xr.DataTree:
     """Return a tree for a path or a tree; a path is checked against the spec's metadata rules first.
 
     Parameters
     ----------
     source
-        A path attnformat can open, or an :class:`xarray.DataTree` (a whole file or one site).
+        A path or URL attnformat can open, or an :class:`xarray.DataTree` (a whole file or one site).
+    storage_options
+        fsspec options for a URL (endpoint, credentials...).
 
     Raises
     ------
@@ -53,7 +56,8 @@ def open_source(source) -> xr.DataTree:
     """
     if isinstance(source, xr.DataTree):
         return source
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike, Location)):
+        source = Location.of(source, storage_options)
         try:
             tree = open_tree(source)
         except UnreadableFileError:  # a missing path raises again below; a broken store gets a report
@@ -87,7 +91,6 @@ def resolve_site(source, site: str | None = None, storage_options=None) -> xr.Da
     """
     if storage_options is not None and not isinstance(source, xr.DataTree):
         # A Location carries the options through open_source's opening and validation.
-        from attnformat.engines import Location
 
         source = Location.of(source, storage_options)
     tree = open_source(source)

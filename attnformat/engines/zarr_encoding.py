@@ -6,8 +6,9 @@ streaming :class:`attnformat.Writer`), so that a file looks the same whichever w
 * chunks from :func:`attnformat.encoding.map_chunks` (small maps grouped, large ones in strips);
 * Blosc LZ4 with byte shuffle for lossless data, bit-shuffle for bit-rounded data (the zeroed low
   mantissa bits only line up, and compress away, when bits rather than bytes are regrouped);
-* a CRC-32 checksum of every stored chunk, verified on every read, so that a flipped bit, a cut
-  chunk or a chunk swapped for another reads as an error instead of as wrong numbers. Zarr v3:
+* a CRC-32C checksum of every stored chunk, verified on every read, so that a flipped bit or a cut
+  chunk reads as an error instead of as wrong numbers (a chunk swapped for another keeps a valid
+  checksum; the store's chunk manifest, :mod:`attnformat.engines.zarr_manifest`, catches that). Zarr v3:
   codecs ``bytes -> blosc -> crc32c`` (the checksum covers the compressed bytes as stored). Zarr v2
   has one compressor and a list of filters: Blosc runs as the (last) filter, where it still sees
   the array's item size for shuffling, and numcodecs' ``crc32c`` is the compressor, so that the

@@ -497,8 +497,35 @@ def _entry_mode(entry: os.DirEntry, descriptor: int) -> int:
     return os.stat(entry.name, dir_fd=descriptor, follow_symlinks=False).st_mode
 
 
+def _consistent(documents: dict, where: str) -> None:
+    """Refuse a store whose consolidated metadata disagrees with a node's own document
+    [ATTN-STORE-005]: readers take the consolidated copy, other tools the node's, so the same
+    file would read differently (a shape or a codec changed in one copy only)."""
+
+    def without_consolidated(document):
+        return {k: v for k, v in document.items() if k != "consolidated_metadata"} if isinstance(document, dict) else document
+
+    root = documents.get("zarr.json")
+    if isinstance(root, dict) and isinstance(root.get("consolidated_metadata"), dict):
+        entries = root["consolidated_metadata"].get("metadata") or {}
+        pairs = ((path, entry, documents.get(f"{path}/zarr.json")) for path, entry in entries.items())
+    elif isinstance(documents.get(".zmetadata"), dict):
+        pairs = ((key, entry, documents.get(key)) for key, entry in (documents[".zmetadata"].get("metadata") or {}).items())
+    else:
+        return
+    for path, entry, own in pairs:
+        if own is not None and without_consolidated(own) != without_consolidated(entry):
+            raise BrokenStoreError(
+                f"{where}: the metadata of {path} disagrees with its consolidated copy [ATTN-STORE-005]; the store "
+                "was damaged or edited in one place only",
+                "ATTN-STORE-005",
+                location=_node_location(path),
+            )
+
+
 def _screen_directory(root: Path, where: str) -> None:
     budget = _Budget(where)
+    documents = {}
     for key, descriptor, name in _walk_directory(root, where):
         if name.casefold() not in METADATA_NAMES:  # a case-insensitive file system serves "ZARR.JSON" as "zarr.json"
             continue
@@ -513,7 +540,8 @@ def _screen_directory(root: Path, where: str) -> None:
             raw = _read_bounded(handle, MAX_METADATA_DOCUMENT_BYTES)
         finally:
             os.close(handle)
-        screen_document(raw, key, where, _NoRecount(budget))
+        documents[key] = screen_document(raw, key, where, _NoRecount(budget))
+    _consistent(documents, where)
 
 
 class _NoRecount(_Budget):
@@ -536,6 +564,7 @@ def _screen_zip(location, where: str) -> None:
     from attnformat.engines.remote import open_zip
 
     budget = _Budget(where)
+    documents = {}
     with open_zip(location) as bundle:  # only the central directory is read here
         entries = bundle.infolist()  # as many as the archive's size allows: bounded by the file
         for info in entries:
@@ -547,7 +576,8 @@ def _screen_zip(location, where: str) -> None:
                 budget.add_node(info.filename)
             budget.add_document(info.file_size, info.filename)  # what it declares, before inflating
             raw = _read_zip_entry(bundle, info, MAX_METADATA_DOCUMENT_BYTES, where)
-            screen_document(raw, info.filename, where, _NoRecount(budget))
+            documents[info.filename] = screen_document(raw, info.filename, where, _NoRecount(budget))
+    _consistent(documents, where)
 
 
 def _check_zip_entry(info: zipfile.ZipInfo, where: str) -> None:

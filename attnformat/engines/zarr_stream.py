@@ -301,7 +301,7 @@ class StreamingStore:
             return self._tensorstores[name]
         handle = None
         array = self._arrays[name]
-        if self.zarr_format == 3 and array.dtype.kind in "biuf":
+        if self.zarr_format == 3 and array.dtype.kind in "biuf" and not _TENSORSTORE_FORKED:
             try:
                 import tensorstore
             except ImportError:
@@ -356,6 +356,16 @@ def _looks_like_storage_failure(error: BaseException) -> bool:
 
 
 _WRITE_CONTEXT: list = []
+# TensorStore's thread pools do not survive fork(): a child of a process that has used it aborts
+# on its first TensorStore call. Such children (multiprocessing's fork, a fork-based test harness)
+# write through zarr-python instead.
+_TENSORSTORE_FORKED = False
+
+
+def _forked() -> None:
+    global _TENSORSTORE_FORKED
+    _TENSORSTORE_FORKED = True
+    _WRITE_CONTEXT.clear()
 
 
 def _write_context():
@@ -365,4 +375,5 @@ def _write_context():
 
     if not _WRITE_CONTEXT:
         _WRITE_CONTEXT.append(tensorstore.Context({"file_io_sync": False}))
+        os.register_at_fork(after_in_child=_forked)
     return _WRITE_CONTEXT[0]

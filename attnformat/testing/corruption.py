@@ -1069,7 +1069,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("h5-unknown-filter", "references", ("h5",), "refuse", _h5_unknown_filter, 1),
     Kind("zip-declared-2gib-chunk", "zipbomb", ("zip",), "refuse", _zip_declared("chunk"), 1),
     Kind("zip-declared-2gib-metadata", "zipbomb", ("zip",), "refuse", _zip_declared("metadata"), 1),
-    Kind("zip-ratio-chunk", "zipbomb", ("zip",), "refuse", _zip_ratio("chunk"), 0),
+    Kind("zip-ratio-chunk", "zipbomb", ("zip",), "detect", _zip_ratio("chunk"), 0),
     Kind("zip-ratio-metadata", "zipbomb", ("zip",), "refuse", _zip_ratio("metadata"), 0),
 )}
 CLASSES = tuple(dict.fromkeys(kind.klass for kind in KINDS.values())) + ("writer",)
