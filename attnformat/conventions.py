@@ -44,6 +44,10 @@ EDGE_COORDS = ("source", "target")
 #: are cut into strips of whole rows of at most this many elements, which readers decode side by
 #: side, each straight into its place in the result.
 MAX_MAP_CHUNK_ELEMENTS = 1024 * 1024
+#: Smaller maps are grouped into chunks of at least this many elements (256 KiB of float32).
+#: Below ~64 KiB per chunk, per-file overhead (a 4 KiB filesystem block, an inode, a task per
+#: chunk for dask) dominates; above ~1 MiB, reading one small head decodes more than it needs.
+MIN_MAP_CHUNK_ELEMENTS = 64 * 1024
 
 # -- bounds of ATTN-STORE-006 -------------------------------------------------------------------
 # A file is hostile until screened: readers check every size it declares against these bounds

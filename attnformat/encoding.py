@@ -32,13 +32,9 @@ import numcodecs
 import numpy as np
 import xarray as xr
 
-from attnformat.conventions import LEADING_DIMS, MAX_MAP_CHUNK_ELEMENTS
+from attnformat.conventions import LEADING_DIMS, MAX_MAP_CHUNK_ELEMENTS, MIN_MAP_CHUNK_ELEMENTS
 
 MAP_DIMS = ("query", "key", "edge")
-#: Smaller maps are grouped into chunks of at least this many elements (256 KiB of float32).
-#: Below ~64 KiB per chunk, per-file overhead (a 4 KiB filesystem block, an inode, a task per
-#: chunk for dask) dominates; above ~1 MiB, reading one small head decodes more than it needs.
-MIN_MAP_CHUNK_ELEMENTS = 64 * 1024  # TODO(lead): conventions
 #: The leading dimensions small maps are grouped along, in this order. Heads first: a layer's
 #: heads are computed (and written) together; step never, it grows one step at a time.
 GROUPED_DIMS = ("head", "layer", "node", "time", "sample")

@@ -186,7 +186,7 @@ def for_streaming(tree: xr.DataTree) -> xr.DataTree:
     >>> import attnformat
     >>> streamed = for_streaming(attnformat.open(attnformat.example_path("dense")))
     >>> streamed["encoder/self"]["weights"].chunks[:2]
-    ((1, 1), (1, 1, 1, 1))
+    ((1, 1), (1, 1, 1))
     """
     from attnformat.conventions import LEADING_DIMS
 

@@ -211,7 +211,7 @@ def _check_every_chunk(tree: xr.DataTree, report: ValidationReport, storage: _St
     value checks already. One chunk in memory at a time."""
     for node in tree.subtree:
         site = is_site(node.attrs)
-        for name, variable in node.dataset.variables.items():
+        for name, variable in node.to_dataset(inherit=False).variables.items():
             if site and name == "weights":
                 continue
             path = f"{node.path.strip('/')}/{name}".lstrip("/")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from xarray.core import indexing
 from attnformat.conventions import ATTENTION_VARIABLES, ROOT_COMPLETENESS
 from attnformat.engines import zarr_sync
 from attnformat.engines.common import Location
+from attnformat.engines.placement import pin_directory
 from attnformat.engines.remote import zarr_store
 from attnformat.engines.zarr_encoding import zarr_variable_encoding
 from attnformat.engines.zarr_manifest import MANIFEST_ATTR, seal
@@ -139,7 +141,17 @@ def _open_root_group(store, where: str) -> zarr.Group:
         raise UnreadableFileError(f"{where}: not a readable Zarr store ({type(error).__name__}: {error})") from error
 
 
-def _build_tree(root: zarr.Group, where: str, directory: Path | None = None) -> xr.DataTree | None:
+class _Pin:
+    """A pinned store directory (:func:`attnformat.engines.placement.pin_directory`), open for as
+    long as anything reads through it: every lazy array of the tree holds it, so the directory
+    stays pinned after the tree object itself is gone (a streamed copy, a selection)."""
+
+    def __init__(self, descriptor: int, path: str):
+        self.path = path
+        self.close = weakref.finalize(self, os.close, descriptor)
+
+
+def _build_tree(root: zarr.Group, where: str, directory: Path | None = None, pin: _Pin | None = None) -> xr.DataTree | None:
     """Build the DataTree from metadata; None when the file needs xarray's CF decoding."""
     groups: dict[str, dict] = {"/": {"attrs": dict(root.attrs), "arrays": {}}}
     try:
@@ -163,7 +175,7 @@ def _build_tree(root: zarr.Group, where: str, directory: Path | None = None) -> 
     # In a file that says it is complete, a missing chunk of an attention variable is damage
     # [ATTN-STORE-007], not "not captured"; coordinates may leave all-fill chunks unwritten.
     complete = groups["/"]["attrs"].get(ROOT_COMPLETENESS) == "complete"
-    datasets = {path: _build_dataset(layout, loaded, directory, complete) for path, layout in layouts.items()}
+    datasets = {path: _build_dataset(layout, loaded, directory, complete, pin) for path, layout in layouts.items()}
     return xr.DataTree.from_dict(datasets)
 
 
@@ -186,14 +198,16 @@ def _group_layout(group_attrs: dict, arrays: dict[str, zarr.Array], where: str) 
     return {"attrs": group_attrs, "arrays": arrays, "dims": dims_of, "var_attrs": attrs_of, "coords": coord_names, "eager": eager}
 
 
-def _build_dataset(layout: dict, loaded: dict[str, np.ndarray], directory: Path | None, complete: bool) -> xr.Dataset:
+def _build_dataset(layout: dict, loaded: dict[str, np.ndarray], directory: Path | None, complete: bool, pin: _Pin | None = None) -> xr.Dataset:
     coords, data_vars = {}, {}
     for name, array in layout["arrays"].items():
         if array.path in loaded:
             data = loaded[array.path]
         else:
             required = complete and name in ATTENTION_VARIABLES
-            data = indexing.LazilyIndexedArray(_LazyZarrArray(array, directory, chunks_required=required))
+            lazy = _LazyZarrArray(array, directory, chunks_required=required)
+            lazy.pin = pin  # the directory stays pinned while this array can be read
+            data = indexing.LazilyIndexedArray(lazy)
         variable = xr.Variable(layout["dims"][name], data, layout["var_attrs"][name])
         (coords if name in layout["coords"] else data_vars)[name] = variable
     return xr.Dataset(data_vars, coords, attrs=layout["attrs"])
@@ -247,17 +261,23 @@ class ZarrEngine:
         self.screen(location)
         if location.is_url:
             return self._open_store(screened_store(zarr_store(location), str(location)), str(location))
-        path = location.path
-        return self._open_store(str(path), str(location), directory=path)
+        # Read through a pinned directory: a writer replacing the store meanwhile (an atomic
+        # exchange) leaves this tree reading the old version whole (see placement.pin_directory).
+        pin = _Pin(*pin_directory(location.path))
+        tree = self._open_store(pin.path, str(location), directory=Path(pin.path), pin=pin, unpinned=str(location.path))
+        tree.set_close(pin.close)
+        return tree
 
-    def _open_store(self, store, where: str, directory: Path | None = None) -> xr.DataTree:
+    def _open_store(self, store, where: str, directory: Path | None = None, pin: _Pin | None = None, unpinned=None) -> xr.DataTree:
         try:
             root = (_consolidated_root(directory) if directory is not None else None) or _open_root_group(store, where)
-            tree = _build_tree(root, where, directory)
+            tree = _build_tree(root, where, directory, pin)
             if tree is None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    tree = xr.open_datatree(store, engine="zarr", chunks=None)
+                    # xarray's own road (CF decoding) reads through the path itself: its arrays
+                    # cannot hold the pin.
+                    tree = xr.open_datatree(unpinned or store, engine="zarr", chunks=None)
         except AttnFormatError:
             raise
         except (RecursionError, MemoryError, OverflowError, ValueError, TypeError, KeyError, OSError, ZeroDivisionError) as error:

@@ -75,7 +75,7 @@ def seal(directory: str | os.PathLike) -> None:
         for path, array in _all_arrays(root):
             manifest = {}
             for key in _stored_keys(directory / path, array.metadata.zarr_format):
-                manifest[key] = crc32c((directory / path / key).read_bytes(), key)
+                manifest[key] = crc32c(_payload(array.metadata, (directory / path / key).read_bytes()), key)
             array.attrs[MANIFEST_ATTR] = manifest
         zarr.consolidate_metadata(str(directory))
 
@@ -104,13 +104,33 @@ def check(metadata, key: str, raw, name: str, location: str) -> None:
         return
     if key not in manifest:
         raise BrokenStoreError(f"{name}: chunk is not in its array's manifest [ATTN-STORE-005]; the store is damaged", "ATTN-STORE-005", location=location)
-    if crc32c(raw, key) != manifest[key]:
+    if crc32c(_payload(metadata, raw), key) != manifest[key]:
         raise BrokenStoreError(
             f"{name}: chunk holds bytes written for another place, or damaged ones (manifest checksum) [ATTN-STORE-005]; "
             "the store is damaged",
             "ATTN-STORE-005",
             location=location,
         )
+
+
+def _payload(metadata, raw):
+    """The bytes the manifest hashes: the stored chunk without a trailing CRC-32C of its own.
+
+    A CRC over bytes that end in their own CRC-32C is the same for every chunk of that length
+    (the CRC's residue; a key prefixed or anything appended does not change that, CRCs being
+    affine), so the codec's trailer is left out; the codec itself verifies it on decode.
+    """
+    if _ends_in_crc32c(metadata) and len(raw) >= 4:
+        return np.frombuffer(raw, np.uint8)[:-4]
+    return raw
+
+
+def _ends_in_crc32c(metadata) -> bool:
+    if getattr(metadata, "zarr_format", 3) == 3:
+        codecs = getattr(metadata, "codecs", ()) or ()
+        return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
+    compressor = getattr(metadata, "compressor", None)
+    return compressor is not None and getattr(compressor, "codec_id", None) == "crc32c" and getattr(compressor, "location", "end") == "end"
 
 
 def expected_chunks(metadata) -> dict[str, int] | None:

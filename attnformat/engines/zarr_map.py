@@ -20,6 +20,7 @@ import xarray as xr
 
 from attnformat.conventions import ATTENTION_VARIABLES, LABEL_COORDS, ROOT_COMPLETENESS, is_site
 from attnformat.engines.common import Location
+from attnformat.engines.placement import pin_directory
 from attnformat.errors import SelectionError
 from attnformat.resolving import position
 
@@ -34,17 +35,24 @@ def read_map(location: Location, site: str | None, variable: str, selection: dic
     >>> read_map(Location.of(attnformat.example_path("dense")), "encoder/self", "weights", {"layer": 0, "head": 0}).shape
     (6, 6)
     """
+    if location.is_url or not location.path.is_dir():
+        return None
+    # Metadata and chunks are read through a pinned directory: a writer replacing the store
+    # meanwhile (an atomic exchange) leaves this read seeing the old version whole.
+    descriptor, pinned = pin_directory(location.path)
+    try:
+        return _read_map(location, Path(pinned), site, variable, selection)
+    finally:
+        os.close(descriptor)
+
+
+def _read_map(location: Location, path: Path, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
     from zarr.storage import LocalStore, StorePath
 
     from attnformat.engines import zarr_sync
     from attnformat.engines.zarr import CF_ENCODING_ATTRS
 
-    if location.is_url:
-        return None
-    path = location.path
-    if not path.is_dir():
-        return None
-    nodes = _consolidated_metadata(path)
+    nodes = _consolidated_metadata(path, str(location))
     if nodes is None:
         return None  # the general road explains what is wrong
     sites = sorted(name for name, node in nodes.items() if node["kind"] == "group" and is_site(node["attrs"]))
@@ -102,7 +110,7 @@ def read_map(location: Location, site: str | None, variable: str, selection: dic
     return xr.DataArray(data, dims=kept, name=variable, attrs=_public_attrs(target["attrs"], "coordinates"), coords=coords)
 
 
-def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
+def _consolidated_metadata(path: Path, where: str) -> dict[str, dict] | None:
     """Node path -> {"kind", "dims", "attrs", "raw"} from a Zarr v3 store's consolidated
     metadata, or None (no such metadata; the general road then explains)."""
     from attnformat.conventions import MAX_METADATA_DOCUMENT_BYTES
@@ -116,7 +124,7 @@ def _consolidated_metadata(path: Path) -> dict[str, dict] | None:
         raw = handle.read(MAX_METADATA_DOCUMENT_BYTES + 1)
     if len(raw) > MAX_METADATA_DOCUMENT_BYTES:
         return None  # the general road refuses it [ATTN-STORE-006]
-    return _parse_consolidated(raw, str(path))
+    return _parse_consolidated(raw, where)
 
 
 @lru_cache(maxsize=32)

@@ -437,7 +437,13 @@ def _chunk_name(store_path, key: str) -> str:
     inner = f"{store_path.path}/{key}".lstrip("/")
     root = getattr(store, "root", None)
     if root is not None:
-        return os.path.join(str(root), inner)
+        root = str(root)
+        if root.startswith("/proc/self/fd/"):  # a pinned directory: name it as the user knows it
+            try:
+                root = os.readlink(root)
+            except OSError:
+                pass
+        return os.path.join(root, inner)
     path = getattr(store, "path", None)
     filesystem = getattr(store, "fs", None)
     if path is not None and filesystem is not None:

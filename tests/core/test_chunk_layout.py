@@ -117,7 +117,8 @@ def test_reading_one_head_decodes_one_chunk(tmp_path, monkeypatch):
     original = google_crc32c.value
 
     def spy(data):
-        checked.append(len(data))
+        if len(data) > 64:  # the chunk manifest also hashes the chunk's key (a few bytes) first
+            checked.append(len(data))
         return original(data)
 
     # Every chunk carries a CRC32C that every reading road verifies: one verification, one chunk.
