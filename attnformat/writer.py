@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,7 +45,8 @@ from attnformat.encoding import bitround, is_map, map_chunks
 from attnformat.engines import engine_name_for_path
 from attnformat.engines.placement import WriterLock, move_into_place
 from attnformat.engines.zarr_stream import StreamingStore, check_node_path, name_problem
-from attnformat.errors import AttnFormatError, WriteFailedError, WriterError
+from attnformat.errors import AttnFormatError, SelectionError, WriteFailedError, WriterError
+from attnformat.resolving import position
 
 PARTIAL_SUFFIX = ".partial.zarr"
 _DEFAULT_SITE_ATTRS = {"normalization": "softmax", "normalized_dim": "key"}
@@ -488,10 +488,10 @@ class SiteWriter:
         labels = self.labels.get(dim)
         if labels is None:
             raise WriterError(f"{self.where}/{variable}: dimension {dim!r} cannot be selected")
-        try:
-            return labels.index(label)
-        except ValueError:
-            raise WriterError(f"{self.where}/{variable}: {dim}={label!r} is not declared; {dim} labels: {labels}") from None
+        try:  # the library's one rule for selectors (attnformat.resolving)
+            return position(dim, label, size=len(labels), index=np.asarray(labels), where=f"{self.where}/{variable}")
+        except SelectionError as error:
+            raise WriterError(f"{error}; declare it, or write a growing dimension's next label") from None
 
     def append_label(self, dim: str, label) -> None:
         """Grow the site by one entry along a leading dimension, labelled ``label``.

@@ -85,6 +85,22 @@ class Location:
         filesystem, path = self.filesystem()
         return bool(filesystem.exists(path))
 
+    def fsspec_options(self) -> dict:
+        """``storage_options`` with the standard S3 endpoint variables applied (for ``s3://``,
+        unless the options name an endpoint), as this process sees them now.
+
+        Examples
+        --------
+        >>> Location.of("s3://b/x.zarr", {"anon": True}).fsspec_options()["anon"]
+        True
+        """
+        options = dict(self.storage_options)
+        if self.protocol in ("s3", "s3a") and "endpoint_url" not in options and "client_kwargs" not in options:
+            endpoint = next((os.environ[name] for name in _S3_ENDPOINT_VARIABLES if os.environ.get(name)), None)
+            if endpoint:
+                options["endpoint_url"] = endpoint
+        return options
+
     def filesystem(self):
         """``(fsspec filesystem, path inside it)`` for this location.
 
@@ -97,11 +113,7 @@ class Location:
             from fsspec.core import url_to_fs
         except ImportError as error:
             raise MissingDependencyError(f"{self.text}: reading URLs needs fsspec", "remote") from error
-        options = dict(self.storage_options)
-        if self.protocol in ("s3", "s3a") and "endpoint_url" not in options and "client_kwargs" not in options:
-            endpoint = next((os.environ[name] for name in _S3_ENDPOINT_VARIABLES if os.environ.get(name)), None)
-            if endpoint:
-                options["endpoint_url"] = endpoint
+        options = self.fsspec_options()
         try:
             return url_to_fs(self.text, **options)
         except ImportError as error:

@@ -43,7 +43,6 @@ import atexit
 import json
 import math
 import os
-import pickle
 import select
 import struct
 import subprocess
@@ -510,7 +509,9 @@ class _Worker:
         """Send one request; return the worker's answer, or ``{"stalled": node}``."""
         with self.lock:
             process = self._start()
-            request = pickle.dumps((location.text, dict(location.storage_options)))
+            # The options as this process resolves them now (endpoint variables set after the
+            # worker started included); JSON, since the worker trusts nothing it is sent either.
+            request = json.dumps([location.text, location.fsspec_options()]).encode("utf-8")
             try:
                 process.stdin.write(struct.pack("<I", len(request)) + request)
                 process.stdin.flush()
@@ -657,7 +658,7 @@ def _serve() -> None:
         if len(header) < 4:
             return
         (length,) = struct.unpack("<I", header)
-        text, options = pickle.loads(stdin.read(length))
+        text, options = json.loads(stdin.read(length))
         if "://" in text and not text.startswith("file://"):
             from attnformat.engines.common import Location  # URLs need fsspec (and xarray with it)
 
