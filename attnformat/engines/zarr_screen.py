@@ -577,7 +577,57 @@ def _screen_zip(location, where: str) -> None:
             budget.add_document(info.file_size, info.filename)  # what it declares, before inflating
             raw = _read_zip_entry(bundle, info, MAX_METADATA_DOCUMENT_BYTES, where)
             documents[info.filename] = screen_document(raw, info.filename, where, _NoRecount(budget))
-    _consistent(documents, where)
+        _consistent(documents, where)
+        _chunk_entries_fit(entries, documents, where)
+
+
+def _chunk_entries_fit(entries, documents: dict, where: str) -> None:
+    """Refuse a zip whose chunk entry inflates to more than its array's chunk can hold
+    [ATTN-STORE-006]: a reader would inflate the whole entry before any codec could object."""
+    limits = {}
+    for key, document in documents.items():
+        name = key.rpartition("/")[2]
+        if name == "zarr.json" and isinstance(document, dict):
+            entries_of = (document.get("consolidated_metadata") or {}).get("metadata") or {}
+            nodes = [(f"{path}/", entry) for path, entry in entries_of.items()] if isinstance(entries_of, dict) else []
+            nodes.append((key[: -len("zarr.json")], document))
+        elif name == ".zarray" and isinstance(document, dict):
+            nodes = [(key[: -len(".zarray")], document)]
+        else:
+            continue
+        for prefix, node in nodes:
+            limit = _encoded_chunk_limit(node)
+            if limit is not None:
+                limits[prefix] = limit
+    for info in entries:
+        prefix = max((p for p in limits if info.filename.startswith(p)), key=len, default=None)
+        if prefix is None or info.filename.rpartition("/")[2] in METADATA_NAMES:
+            continue
+        if info.file_size > limits[prefix]:
+            raise _bound(where, info.filename, f"zip entry {info.filename} inflates to {info.file_size} bytes, more than a chunk of its "
+                         f"array can hold ({limits[prefix]})")
+
+
+def _encoded_chunk_limit(node) -> int | None:
+    """The most bytes one stored chunk of an array can take: its decoded size plus codec overhead."""
+    import numpy as np
+
+    if not isinstance(node, dict):
+        return None
+    try:
+        if node.get("zarr_format") == 3 and node.get("node_type") == "array":
+            chunks = node["chunk_grid"]["configuration"]["chunk_shape"]
+            itemsize = np.dtype(node["data_type"]).itemsize if isinstance(node["data_type"], str) else None
+        elif "chunks" in node and "dtype" in node:
+            chunks, itemsize = node["chunks"], np.dtype(node["dtype"]).itemsize
+        else:
+            return None
+        if not itemsize or node.get("data_type") == "string" or str(node.get("dtype", "")).startswith(("|O", "O")):
+            return None
+        decoded = int(np.prod([int(c) for c in chunks], dtype=np.int64)) * itemsize
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    return decoded + decoded // 8 + 65536  # compressors expand incompressible data by well under 1/8
 
 
 def _check_zip_entry(info: zipfile.ZipInfo, where: str) -> None:
