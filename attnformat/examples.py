@@ -262,11 +262,15 @@ def example_path(name: str) -> Path:
     >>> example_path("dense").name
     'dense.zarr'
     """
-    from attnformat.saving import save
-
-    cache = Path(os.environ.get("ATTNFORMAT_EXAMPLES_DIR", Path(tempfile.gettempdir()) / f"attnformat-examples-{__version__}-{os.getuid() if hasattr(os, 'getuid') else 0}"))
+    # Keyed by the package and the format version: examples written by an older format (without
+    # chunk manifests, say) are never served to a newer reader.
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    default = Path(tempfile.gettempdir()) / f"attnformat-examples-{__version__}-format{FORMAT_VERSION}-{user}"
+    cache = Path(os.environ.get("ATTNFORMAT_EXAMPLES_DIR", default))
     path = cache / f"{name}.zarr"
     if not path.exists():
+        from attnformat.saving import save  # only when writing: a path that exists costs no writer import
+
         cache.mkdir(parents=True, exist_ok=True)
         # Written under a private name and renamed into place: processes racing to make the same
         # example each write their own copy, and the first rename wins.

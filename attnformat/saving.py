@@ -102,6 +102,12 @@ def save(
             move_into_place(staged, path)
         finally:
             _remove_scratch(scratch)
+        if check != "none":
+            # The tree passed the metadata rules before it was written: the viewer's direct road
+            # may draw this version without checking it again (attnformat.verdicts).
+            from attnformat.verdicts import remember_conforming, version_of
+
+            remember_conforming(version_of(path))
     except WriteFailedError as error:
         # The engine names the staged copy; the user knows the destination.
         reason = getattr(error.__cause__, "strerror", None) or str(error).split(": ", 1)[-1]

@@ -177,11 +177,15 @@ def validate(
     (True, [])
     """
     from attnformat.reading import open as open_tree, source_of
+    from attnformat.verdicts import remember_conforming, version_of
 
+    version = None
     if isinstance(source, xr.DataTree):
         tree, name = source, source_of(source)
     else:
         name = str(source)
+        # Taken before opening, so that a passing verdict is remembered only for what was checked.
+        version = version_of(source) if storage_options is None else None
         try:
             tree = open_tree(source, storage_options=storage_options)
         except BrokenStoreError as error:
@@ -201,6 +205,8 @@ def validate(
                     report.add(error.rule_id, error.location, str(error))
     if check_values and storage is not None:
         _check_every_chunk(tree, report, storage)
+    if report.ok and version is not None and version_of(source) == version:
+        remember_conforming(version)  # the viewer's direct road may now skip these checks
     return report
 
 

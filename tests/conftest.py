@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 
 # Examples land in a per-run folder so tests never depend on files from an earlier run.
 os.environ.setdefault("ATTNFORMAT_EXAMPLES_DIR", tempfile.mkdtemp(prefix="attnformat-test-examples-"))
+# Remembered conformance verdicts (attnformat.verdicts) stay inside this run too.
+os.environ.setdefault("ATTNFORMAT_CACHE_DIR", tempfile.mkdtemp(prefix="attnformat-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

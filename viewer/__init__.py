@@ -9,115 +9,116 @@ data each plot draws comes from a preparer that can be called (and tested) witho
 >>> from attnformat.viewer import heatmap
 >>> heatmap(attnformat.example_path("dense"), layer=0, head=2).get_title()
 'encoder/self | layer 0 | head 2 | weights (softmax)'
+
+Names are imported on first use (:pep:`562`): ``from attnformat.viewer import heatmap`` imports
+the heatmap's modules and matplotlib, not the report, the statistics or xarray. To export a new
+public name, add one line to :data:`_EXPORTS` (name -> the module of this package defining it);
+``__all__`` and ``dir()`` follow from it.
 """
 
-from attnformat.viewer.catalog import PLOT_KINDS, PlotKind, main_variable, plot
-from attnformat.viewer.colors import color_scale
-from attnformat.viewer.edges import node_link, top_edges, top_edges_data
-from attnformat.viewer.grids import attention_flow, flow_sites, head_grid, layer_comparison, step_comparison
-from attnformat.viewer.groups import (
-    aggregate_to_groups,
-    group_bars,
-    group_map,
-    group_order,
-    group_selection,
-    query_block_profiles,
-    sink_score,
-)
-from attnformat.viewer.heatmaps import heatmap, temporal_matrix
-from attnformat.viewer.images import image_attention_grid, image_overlay, patch_attention, upsample
-from attnformat.viewer.output import save_figure
-from attnformat.viewer.pairwise import (
-    PairwiseData,
-    attention_vs_distance,
-    binned_means,
-    distance_profile,
-    distance_statistics,
-    pairwise_data,
-    pairwise_overview,
-    query_profiles,
-)
-from attnformat.viewer.report import report
-from attnformat.viewer.rollout import attention_rollout, rollout_map, rollout_matrices
-from attnformat.viewer.selection import (
-    Selection,
-    block_pool,
-    densify_edges,
-    labels_of,
-    open_source,
-    pool_for_display,
-    position,
-    resolve_site,
-    select,
-    sites_of,
-)
-from attnformat.viewer.statistics import (
-    attention_statistics,
-    boxplot_data,
-    format_summary,
-    row_entropy,
-    statistics_boxplots,
-    statistics_summary,
-    top_pairs,
-    top_pairs_plot,
-)
+from __future__ import annotations
 
-__all__ = [
-    "PLOT_KINDS",
-    "PairwiseData",
-    "PlotKind",
-    "Selection",
-    "aggregate_to_groups",
-    "attention_flow",
-    "attention_rollout",
-    "attention_statistics",
-    "attention_vs_distance",
-    "binned_means",
-    "block_pool",
-    "boxplot_data",
-    "color_scale",
-    "densify_edges",
-    "distance_profile",
-    "distance_statistics",
-    "flow_sites",
-    "format_summary",
-    "group_bars",
-    "group_map",
-    "group_order",
-    "group_selection",
-    "head_grid",
-    "heatmap",
-    "image_attention_grid",
-    "image_overlay",
-    "labels_of",
-    "layer_comparison",
-    "main_variable",
-    "node_link",
-    "open_source",
-    "pairwise_data",
-    "pairwise_overview",
-    "patch_attention",
-    "plot",
-    "pool_for_display",
-    "position",
-    "query_block_profiles",
-    "query_profiles",
-    "report",
-    "resolve_site",
-    "rollout_map",
-    "rollout_matrices",
-    "row_entropy",
-    "save_figure",
-    "select",
-    "sink_score",
-    "sites_of",
-    "statistics_boxplots",
-    "statistics_summary",
-    "step_comparison",
-    "temporal_matrix",
-    "top_edges",
-    "top_edges_data",
-    "top_pairs",
-    "top_pairs_plot",
-    "upsample",
-]
+import importlib
+import sys
+import types
+
+#: Public name -> the module of ``attnformat.viewer`` that defines it.
+_EXPORTS: dict[str, str] = {
+    "PLOT_KINDS": "catalog",
+    "PlotKind": "catalog",
+    "main_variable": "catalog",
+    "plot": "catalog",
+    "color_scale": "colors",
+    "node_link": "edges",
+    "node_link_data": "edges",
+    "top_edges": "edges",
+    "top_edges_data": "edges",
+    "attention_flow": "grids",
+    "flow_sites": "grids",
+    "head_grid": "grids",
+    "layer_comparison": "grids",
+    "step_comparison": "grids",
+    "aggregate_to_groups": "groups",
+    "group_bars": "groups",
+    "group_map": "groups",
+    "group_order": "groups",
+    "format_frame_statistics": "groups",
+    "frame_statistics": "groups",
+    "group_selection": "groups",
+    "query_block_profiles": "groups",
+    "sink_score": "groups",
+    "heatmap": "heatmaps",
+    "temporal_matrix": "heatmaps",
+    "image_attention_grid": "images",
+    "image_grid_data": "images",
+    "draw_patch_attention": "images",
+    "image_overlay": "images",
+    "patch_attention": "images",
+    "upsample": "images",
+    "save_figure": "output",
+    "PairwiseData": "pairwise",
+    "attention_vs_distance": "pairwise",
+    "binned_means": "pairwise",
+    "distance_profile": "pairwise",
+    "distance_statistics": "pairwise",
+    "pairwise_data": "pairwise",
+    "pairwise_overview": "pairwise",
+    "query_profiles": "pairwise",
+    "report": "report",
+    "attention_rollout": "rollout",
+    "rollout_map": "rollout",
+    "rollout_matrices": "rollout",
+    "Selection": "selection",
+    "block_pool": "selection",
+    "densify_edges": "selection",
+    "labels_of": "selection",
+    "open_source": "selection",
+    "pool_for_display": "selection",
+    "position": "selection",
+    "resolve_site": "selection",
+    "select": "selection",
+    "sites_of": "selection",
+    "attention_statistics": "statistics",
+    "locality": "statistics",
+    "constant_statistics": "statistics",
+    "boxplot_data": "statistics",
+    "format_summary": "statistics",
+    "row_entropy": "statistics",
+    "statistics_boxplots": "statistics",
+    "statistics_summary": "statistics",
+    "top_pairs": "statistics",
+    "top_pairs_plot": "statistics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package, where a public name shadows the submodule of the same name.
+
+    Importing a submodule makes it an attribute of its package; ``report`` is both a submodule
+    and the function it defines, and ``attnformat.viewer.report`` has always been the function
+    (as when every name was imported eagerly). The import system's assignment of the submodule
+    is turned into the assignment of the public object.
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,26 +1,18 @@
-"""The plot kinds, by the name the command line and the report use, with what each needs from a site."""
+"""The plot kinds, by the name the command line and the report use, with what each needs from a site.
+
+Each kind names its function as ``"module:function"`` inside this package and imports it when it
+is first drawn (or its parameters are asked for): ``attnformat plot FILE heatmap`` imports the
+heatmap's modules, not the report's twenty kinds and their dependencies.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 from attnformat.errors import AttnFormatError, SelectionError
-from attnformat.viewer.edges import node_link, top_edges
-from attnformat.viewer.grids import attention_flow, flow_sites, head_grid, layer_comparison, step_comparison
-from attnformat.viewer.groups import group_bars, group_map
-from attnformat.viewer.heatmaps import heatmap, temporal_matrix
-from attnformat.viewer.images import has_patches, image_attention_grid, image_overlay
-from attnformat.viewer.pairwise import (
-    attention_vs_distance,
-    distance_profile,
-    distance_statistics,
-    pairwise_overview,
-    query_profiles,
-)
-from attnformat.viewer.rollout import rollout_map
-from attnformat.viewer.statistics import statistics_boxplots, top_pairs_plot
 
 
 def main_variable(site) -> str | None:
@@ -71,14 +63,27 @@ def _square_self(site) -> bool:
 class PlotKind:
     """One kind of plot: its function, what it shows, and which sites it applies to.
 
-    ``scope`` is ``"site"`` (drawn from one site) or ``"file"`` (needs several sites, like the flow).
+    ``target`` is the function itself or ``"module:function"`` (a module of
+    ``attnformat.viewer``), imported on first use. ``scope`` is ``"site"`` (drawn from one site)
+    or ``"file"`` (needs several sites, like the flow). ``reads_path`` says that the function
+    draws from a path by itself (reading only what it shows), so the command line hands it the
+    path rather than an opened tree.
     """
 
     name: str
-    function: Callable
+    target: Callable | str
     help: str
     applies: Callable
     scope: str = "site"
+    reads_path: bool = False
+
+    @property
+    def function(self) -> Callable:
+        """The plotting function (imported on first use)."""
+        if callable(self.target):
+            return self.target
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(f"attnformat.viewer.{module}"), name)
 
     @property
     def parameters(self) -> list[str]:
@@ -87,6 +92,8 @@ class PlotKind:
 
 
 def _flow_applies(tree) -> bool:
+    from attnformat.viewer.grids import flow_sites
+
     try:
         flow_sites(tree)
     except AttnFormatError:
@@ -94,38 +101,44 @@ def _flow_applies(tree) -> bool:
     return True
 
 
+def _has_patches(site) -> bool:
+    from attnformat.viewer.images import has_patches
+
+    return has_patches(site)
+
+
 PLOT_KINDS: dict[str, PlotKind] = {kind.name: kind for kind in (
-    PlotKind("heatmap", heatmap, "one map (a head or the mean/max over heads); edges are densified",
-             lambda s: _dense(s) or _edge(s)),
-    PlotKind("head-grid", head_grid, "every head of a layer on one colour scale (--by-group for frame x frame)",
+    PlotKind("heatmap", "heatmaps:heatmap", "one map (a head or the mean/max over heads); edges are densified",
+             lambda s: _dense(s) or _edge(s), reads_path=True),
+    PlotKind("head-grid", "grids:head_grid", "every head of a layer on one colour scale (--by-group for frame x frame)",
              lambda s: _has_dim(s, "head") and (_dense(s) or _edge(s))),
-    PlotKind("layer-comparison", layer_comparison, "one head or the head mean in every layer",
+    PlotKind("layer-comparison", "grids:layer_comparison", "one head or the head mean in every layer",
              lambda s: _has_dim(s, "layer") and (_dense(s) or _edge(s))),
-    PlotKind("step-comparison", step_comparison, "one layer and head at every stored training step",
+    PlotKind("step-comparison", "grids:step_comparison", "one layer and head at every stored training step",
              lambda s: _has_dim(s, "step") and (_dense(s) or _edge(s))),
-    PlotKind("flow", attention_flow, "encoder self, decoder self and cross-attention side by side", _flow_applies, "file"),
-    PlotKind("group-map", group_map, "group x group map (frames, modalities)", _grouped),
-    PlotKind("group-bars", group_bars, "per-head bars of a query block over key groups, sink score in titles",
+    PlotKind("flow", "grids:attention_flow", "encoder self, decoder self and cross-attention side by side", _flow_applies, "file"),
+    PlotKind("group-map", "groups:group_map", "group x group map (frames, modalities)", _grouped),
+    PlotKind("group-bars", "groups:group_bars", "per-head bars of a query block over key groups, sink score in titles",
              lambda s: _grouped(s) and _has_dim(s, "head")),
-    PlotKind("top-edges", top_edges, "the top-k edges of a time step", _edge),
-    PlotKind("temporal", temporal_matrix, "time x time attention of one node, from temporal edges",
+    PlotKind("top-edges", "edges:top_edges", "the top-k edges of a time step", _edge),
+    PlotKind("temporal", "heatmaps:temporal_matrix", "time x time attention of one node, from temporal edges",
              lambda s: _edge(s) and s.attrs.get("edge_node_dim") == "time"),
-    PlotKind("node-link", node_link, "the graph at its stored node positions, edges by attention",
+    PlotKind("node-link", "edges:node_link", "the graph at its stored node positions, edges by attention",
              lambda s: _edge(s) and "node_x" in s.coords and "node_y" in s.coords),
-    PlotKind("pairwise-overview", pairwise_overview, "logits before bias, bias, logits, weights, distance, scatter",
+    PlotKind("pairwise-overview", "pairwise:pairwise_overview", "logits before bias, bias, logits, weights, distance, scatter",
              lambda s: _pairwise(s) and "logits" in s.data_vars and "bias" in s.data_vars),
-    PlotKind("attention-vs-distance", attention_vs_distance, "scatter with a local/global split at --threshold", _pairwise),
-    PlotKind("distance-profile", distance_profile, "binned mean attention against distance", _pairwise),
-    PlotKind("distance-statistics", distance_statistics, "attention and bias against distance, local vs global", _pairwise),
-    PlotKind("query-profiles", query_profiles, "a few queries' attention, bias and neighbourhood", _pairwise),
-    PlotKind("image-overlay", image_overlay, "a query's (CLS) attention upsampled onto the stored image",
-             lambda s: _dense_weights(s) and has_patches(s)),
-    PlotKind("image-grid", image_attention_grid, "patch attention and overlay per head or per layer (--over)",
-             lambda s: _dense_weights(s) and has_patches(s)),
-    PlotKind("stats", statistics_boxplots, "box plots per layer of max, mean and entropy across samples and heads",
+    PlotKind("attention-vs-distance", "pairwise:attention_vs_distance", "scatter with a local/global split at --threshold", _pairwise),
+    PlotKind("distance-profile", "pairwise:distance_profile", "binned mean attention against distance", _pairwise),
+    PlotKind("distance-statistics", "pairwise:distance_statistics", "attention and bias against distance, local vs global", _pairwise),
+    PlotKind("query-profiles", "pairwise:query_profiles", "a few queries' attention, bias and neighbourhood", _pairwise),
+    PlotKind("image-overlay", "images:image_overlay", "a query's (CLS) attention upsampled onto the stored image",
+             lambda s: _dense_weights(s) and _has_patches(s)),
+    PlotKind("image-grid", "images:image_attention_grid", "patch attention and overlay per head or per layer (--over)",
+             lambda s: _dense_weights(s) and _has_patches(s)),
+    PlotKind("stats", "statistics:statistics_boxplots", "box plots per layer of max, mean and entropy across samples and heads",
              lambda s: _dense(s) or _edge(s)),
-    PlotKind("top-pairs", top_pairs_plot, "the top-k query -> key pairs", lambda s: _dense(s) or _edge(s)),
-    PlotKind("rollout", rollout_map, "attention rollout across layers (Abnar & Zuidema)", _square_self),
+    PlotKind("top-pairs", "statistics:top_pairs_plot", "the top-k query -> key pairs", lambda s: _dense(s) or _edge(s)),
+    PlotKind("rollout", "rollout:rollout_map", "attention rollout across layers (Abnar & Zuidema)", _square_self),
 )}
 
 

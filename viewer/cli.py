@@ -1,7 +1,9 @@
 """Subcommands that draw: ``plot``, ``report``, ``stats``. Thin wrappers over :mod:`attnformat.viewer`.
 
 The main parser (:mod:`attnformat.cli`) lists these commands by name and imports this module,
-and with it matplotlib, only when one of them runs.
+and with it matplotlib, only when one of them runs. Each subcommand imports what it draws with
+when it runs: ``plot FILE heatmap`` never imports the report, the statistics or (for a file the
+direct road reads, see :mod:`attnformat.viewer.selection`) xarray and zarr.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from attnformat.cli import add_storage_option, storage_keywords
 from attnformat.errors import AttnFormatError
 from attnformat.viewer.catalog import PLOT_KINDS, plot
 from attnformat.viewer.output import FORMATS, save_figure
-from attnformat.viewer.report import report
-from attnformat.viewer.selection import open_source
-from attnformat.viewer.statistics import format_summary, statistics_summary
 
 #: How selectors are read, shown by ``attnformat plot --help``.
 _SELECTOR_HELP = (
@@ -95,7 +94,16 @@ def _add_plot(subparsers, help: str):  # noqa: A002
     options.add_argument("--bins", type=int, help="distance bins")
     options.add_argument("--pairwise", help="pairwise variable to compare with (default: distance)")
     options.add_argument("--over", choices=("head", "layer"), help="image-grid: one panel per head or per layer")
-    options.add_argument("--dpi", type=int, default=150, help="PNG resolution")
+    options.add_argument("--last", type=int, help="group-bars: the query block is the last N query groups")
+    options.add_argument("--per-panel", action="store_true", default=None,
+                         help="image-grid: one colour scale and colorbar per panel (default: one shared scale)")
+    options.add_argument("--scale", choices=("auto", "symmetric", "one-sided"),
+                         help="signed data: symmetric about 0, one-sided over the data, or auto (symmetric only "
+                              "when the data have both signs)")
+    options.add_argument("--title", help="figure title (default: site, selection and variable)")
+    options.add_argument("--figsize", type=float, nargs=2, metavar=("WIDTH", "HEIGHT"),
+                         help="figure size in inches (default: sized to the panels and labels)")
+    options.add_argument("--dpi", type=int, help="PNG resolution (default: matplotlib's savefig.dpi)")
     add_storage_option(parser)
     parser.set_defaults(run=run_plot)
     return parser
@@ -105,7 +113,8 @@ def _add_report(subparsers, help: str):  # noqa: A002
     parser = subparsers.add_parser("report", help=help, description=help[:1].upper() + help[1:] + ".")
     parser.add_argument("path", help="attention file or URL (.zarr, .zarr.zip, .h5, .nc)")
     parser.add_argument("-o", "--output", required=True, help="output directory")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
+    parser.add_argument("--workers", type=int, help="processes drawing plots, this one included (default: every CPU)")
     add_storage_option(parser)
     parser.set_defaults(run=run_report)
     return parser
@@ -117,6 +126,10 @@ def _add_stats(subparsers, help: str):  # noqa: A002
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("-o", "--output", help="also write the JSON to this file")
     parser.add_argument("--variable", default="weights")
+    parser.add_argument("--threshold", type=float, default=8.0,
+                        help="local/global: a pairwise distance below this is local (in the distance's units; default 8)")
+    parser.add_argument("--query", type=_selector, action="append", dest="queries",
+                        help="only these query rows (label or index; repeat for several), e.g. --query '[CLS]'")
     add_storage_option(parser)
     parser.set_defaults(run=run_stats)
     return parser
@@ -127,7 +140,7 @@ _ADDERS = {"plot": _add_plot, "report": _add_report, "stats": _add_stats}
 
 _PLOT_OPTIONS = ("site", "layer", "head", "sample", "step", "time", "node", "variable", "cmap", "vmin", "vmax", "log",
                  "center", "origin", "by_group", "aggregate", "pool", "max_size", "k", "threshold", "bins", "pairwise",
-                 "over", "query_groups")
+                 "over", "query_groups", "last", "per_panel", "scale", "title", "figsize")
 
 
 def run_plot(args) -> int:
@@ -138,6 +151,8 @@ def run_plot(args) -> int:
     if args.kind not in PLOT_KINDS:
         raise AttnFormatError(f"no plot kind {args.kind!r}; kinds: {', '.join(PLOT_KINDS)}")
     options = {name: getattr(args, name) for name in _PLOT_OPTIONS}
+    if options["figsize"] is not None:
+        options["figsize"] = tuple(options["figsize"])
     if args.query:
         takes = PLOT_KINDS[args.kind].parameters
         if "queries" in takes:
@@ -146,7 +161,15 @@ def run_plot(args) -> int:
             options["query"] = args.query[0]
         else:
             raise AttnFormatError(f"plot kind {args.kind!r} takes one --query, not {len(args.query)}")
-    drawn = plot(open_source(args.path, **storage_keywords(args)), args.kind, **options)
+    if PLOT_KINDS[args.kind].reads_path:
+        from attnformat.engines import Location
+
+        source = Location.of(args.path, storage_keywords(args).get("storage_options"))
+    else:
+        from attnformat.viewer.selection import open_source
+
+        source = open_source(args.path, **storage_keywords(args))
+    drawn = plot(source, args.kind, **options)
     save_figure(drawn, args.output, dpi=args.dpi)
     print(f"wrote {args.output}")
     return 0
@@ -154,14 +177,20 @@ def run_plot(args) -> int:
 
 def run_report(args) -> int:
     """``attnformat report PATH -o DIR``."""
-    index = report(args.path, args.output, progress=not args.no_progress, **storage_keywords(args))
+    from attnformat.viewer.report import report
+
+    index = report(args.path, args.output, progress=False if args.no_progress else None, workers=args.workers,
+                   **storage_keywords(args))
     print(f"wrote {index}")
     return 0
 
 
 def run_stats(args) -> int:
     """``attnformat stats PATH [--json] [-o FILE]``."""
-    summary = statistics_summary(args.path, variable=args.variable, **storage_keywords(args))
+    from attnformat.viewer.statistics import format_summary, statistics_summary
+
+    summary = statistics_summary(args.path, variable=args.variable, threshold=args.threshold, queries=args.queries,
+                                 **storage_keywords(args))
     text = json.dumps(summary, indent=2, allow_nan=False)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:

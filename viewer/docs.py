@@ -3,8 +3,10 @@
 Why this exists: thirty plot functions share the same selectors, colour options and figure options.
 Written out in each docstring they drift apart (one says ``head`` defaults to the mean, another
 forgets ``"max"``). A docstring names a shared entry on a line of its own, ``$name``; the
-:func:`documented` decorator replaces that line by the entry, indented like the marker line. A
-module with parameters of its own registers them with :func:`register` next to its functions.
+:func:`documented` decorator replaces that line by the entry, indented like the marker line.
+``$name(a, b)`` fills the entry with the parameter names on its first line replaced by ``a, b``:
+``$selectors(layer, head)`` documents only the selectors a function takes. A module with
+parameters of its own registers them with :func:`register` next to its functions.
 
 >>> @documented
 ... def f(source, *, layer=None):
@@ -27,7 +29,10 @@ import textwrap
 #: indented by four spaces).
 PARAMETERS: dict[str, str] = {}
 
-_MARKER = re.compile(r"^(?P<indent>[ \t]*)\$(?P<name>[A-Za-z_][A-Za-z0-9_]*)[ \t]*$", re.MULTILINE)
+_MARKER = re.compile(r"^(?P<indent>[ \t]*)\$(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+                     r"(?:\((?P<names>[A-Za-z0-9_, ]*)\))?[ \t]*$", re.MULTILINE)
+#: Any ``$name`` left in a docstring after filling (the parameter-docs test looks for these).
+UNFILLED = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 
 
 def register(**entries: str) -> None:
@@ -62,6 +67,8 @@ def fill(docstring: str | None) -> str | None:
     >>> print(fill("    $ax"))
         ax : matplotlib.axes.Axes, optional
             Axes to draw on; a new figure (sized by ``figsize``) when None.
+    >>> print(fill("$selectors(layer, head)").splitlines()[0])
+    layer, head : int, str or {"mean", "max"}, optional
     """
     if not docstring:
         return docstring
@@ -70,7 +77,13 @@ def fill(docstring: str | None) -> str | None:
         name = match.group("name")
         if name not in PARAMETERS:
             raise KeyError(f"no shared parameter documentation named {name!r} (see attnformat.viewer.docs)")
-        return textwrap.indent(PARAMETERS[name], match.group("indent"))
+        text = PARAMETERS[name]
+        if match.group("names") is not None:
+            names = ", ".join(n.strip() for n in match.group("names").split(",") if n.strip())
+            first, _, rest = text.partition("\n")
+            kind = first.partition(" : ")[2]
+            text = f"{names} : {kind}" + (f"\n{rest}" if rest else "") if kind else names + (f"\n{rest}" if rest else "")
+        return textwrap.indent(text, match.group("indent"))
 
     return _MARKER.sub(entry, docstring)
 
@@ -150,7 +163,10 @@ register(
     """,
     figsize="""
         figsize : (float, float), optional
-            Figure size in inches; by default the figure sizes itself to its panels and labels.
+            Figure size in inches, used as given. By default the figure sizes itself so that every
+            tick label fits (about 0.13 inch per token label, room for the longest label), up to
+            :data:`attnformat.viewer.output.MAX_FIGSIZE`; when the labels do not fit (a larger map,
+            or a smaller ``figsize``) every k-th label is shown and the axis label says so.
     """,
     title="""
         title : str, optional
@@ -158,6 +174,12 @@ register(
     """,
     ncols="""
         ncols : int, default 4
-            Panels per row.
+            Panels per row (fewer when there are fewer panels).
+    """,
+    aggregate="""
+        aggregate : {"mean", "sum", "max"}, optional
+            How token pairs are combined into group pairs: ``sum`` over a key group's tokens (the
+            attention mass it receives, the default for weights normalised over keys), ``mean`` (the
+            default for logits and biases) or ``max``.
     """,
 )

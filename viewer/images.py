@@ -1,21 +1,84 @@
-"""Attention over image patches, drawn on the stored input image (seed 003: ViT on MNIST)."""
+"""Attention over image patches, drawn on the stored input image (seed 003: ViT on MNIST).
+
+Every figure here shows its colour scale: one colorbar shared by all panels of a figure (so a
+uniform layer looks uniform next to a peaked one), or one per panel when ``per_panel=True``. The
+attention drawn over the image uses the same colormap and norm as the plain patch panels, so the
+colorbar reads for both; the image itself is drawn in grey (or its own colours) and has no scale.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.cm import ScalarMappable
 
 from attnformat.errors import SelectionError
-from attnformat.viewer.colors import color_scale
-from attnformat.viewer.output import axes_or_new, grid
+from attnformat.viewer.colors import color_scale, is_diverging, labelled_colorbar
+from attnformat.viewer.docs import documented, register
+from attnformat.viewer.heatmaps import colorbar_label, mark_not_captured
+from attnformat.viewer.output import new_figure, text_width
 from attnformat.viewer.selection import Selection, labels_of, position, resolve_site, select, site_name
 
+#: Default colormap of unsigned attention over an image (seed 003's red-high / blue-low heat map).
 OVERLAY_CMAP = "jet"
+#: Side of one image panel, in inches, when the figure sizes itself.
+PANEL_INCHES = 2.6
+#: Panels per row of an image grid unless ``ncols`` is given.
+DEFAULT_IMAGE_COLUMNS = 6
+
+register(
+    image_query="""
+        query : int or str, default 0
+            The query whose attention over the patches is drawn: a label (``"[CLS]"``) or a
+            position; by default the first token (the CLS token of a ViT).
+    """,
+    image_alpha="""
+        alpha : float, default 0.5
+            Opacity of the attention drawn over the image (0 shows only the image, 1 only the attention).
+    """,
+    image_cmap="""
+        cmap : str or matplotlib.colors.Colormap, optional
+            Colormap of the attention, used as given; by default ``jet`` for weights (seed 003) and
+            the signed rule of :func:`attnformat.viewer.colors.color_scale` for logits and biases.
+        vmin, vmax : float, optional
+            Colour limits, used exactly; see :func:`attnformat.viewer.colors.color_scale` for the
+            rule when one or neither is given.
+        log : bool, default False
+            Logarithmic colour scale (values <= 0 are drawn as missing).
+        center : float, optional
+            Centre of a signed scale (default 0 for logits and biases).
+    """,
+    image_selectors="""
+        layer, head, sample, step, time, node : int, str or {"mean", "max"}, optional
+            Which map: a label or a position along each dimension the site has; ``"mean"`` or
+            ``"max"`` reduce over it (the title says which). ``head`` defaults to the mean over
+            heads; ``sample`` also picks the image drawn under the attention.
+    """,
+    image_per_panel="""
+        per_panel : bool, default False
+            Give every panel its own colour scale and its own colorbar. By default all panels share
+            one scale and one colorbar, so panels can be compared by colour.
+    """,
+    image_overlay_row="""
+        overlay : bool, default True
+            Add a row of panels with the attention drawn over the stored image (when the site has one).
+    """,
+    image_ncols="""
+        ncols : int, optional
+            Panels per row; by default all panels in one row, up to 6 per row.
+    """,
+)
 
 
 def image_variable(site) -> str | None:
     """Name of the site's input image (``role="image"``), or None.
+
+    Parameters
+    ----------
+    site : xarray.DataTree
+        One site's group.
 
     Examples
     --------
@@ -31,6 +94,11 @@ def image_variable(site) -> str | None:
 def has_patches(site) -> bool:
     """True when keys carry patch positions (``key_patch_row``/``key_patch_col``).
 
+    Parameters
+    ----------
+    site : xarray.DataTree
+        One site's group.
+
     Examples
     --------
     >>> import attnformat
@@ -43,13 +111,22 @@ def has_patches(site) -> bool:
 
 @dataclass
 class PatchAttention:
-    """One query's attention over the patch grid, and the image it is drawn on."""
+    """One query's attention over the patch grid, and the image it is drawn on.
+
+    ``patches[r, c]`` is the stored value of the query's row at the key whose
+    ``key_patch_row``/``key_patch_col`` are ``(r, c)``; patches no key covers are NaN.
+    """
 
     selection: Selection
     query: int
     query_label: str
     patches: np.ndarray
     image: np.ndarray | None
+
+    @property
+    def label(self) -> str:
+        """What the colours mean: ``weights (softmax), [CLS] -> patches``."""
+        return f"{colorbar_label(self.selection)}, {self.query_label} -> patches"
 
     def upsampled(self) -> np.ndarray:
         """The patch grid stretched to the image's size (each patch covers its pixels), or as is."""
@@ -59,7 +136,14 @@ class PatchAttention:
 
 
 def upsample(patches: np.ndarray, shape) -> np.ndarray:
-    """Nearest-patch upsampling of a ``(rows, cols)`` grid to ``shape`` pixels.
+    """Nearest-patch upsampling of a ``(rows, cols)`` grid to ``shape`` pixels (values copied, never interpolated).
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        ``(rows, cols)`` values.
+    shape : (int, int)
+        Pixel rows and columns; pixel ``(i, j)`` takes patch ``(i * rows // shape[0], j * cols // shape[1])``.
 
     Examples
     --------
@@ -90,9 +174,23 @@ def _image(site, selectors) -> np.ndarray | None:
     return values
 
 
+@documented
 def patch_attention(source, *, site=None, query=0, variable="weights", layer=None, head=None, sample=None,
-                    step=None) -> PatchAttention:
-    """One query's attention (default the first token, CLS) placed on the key patch grid.
+                    step=None, time=None, node=None) -> PatchAttention:
+    """One query's attention (default the first token, CLS) placed on the key patch grid; draws nothing.
+
+    Parameters
+    ----------
+    $source
+    $site
+    $image_query
+    $variable
+    $image_selectors
+
+    Returns
+    -------
+    PatchAttention
+        ``patches`` (the patch grid of the query's row), the selection, the query and the image.
 
     Examples
     --------
@@ -106,8 +204,8 @@ def patch_attention(source, *, site=None, query=0, variable="weights", layer=Non
     if not has_patches(site_node):
         raise SelectionError(f"site {site_name(site_node)} of {site_node.root.encoding.get('source', 'the tree')} has no "
                              f"key_patch_row/key_patch_col coordinates, so its keys cannot be placed on an image")
-    selectors = dict(layer=layer, head=head, sample=sample, step=step)
-    chosen = select(site_node, variable, drop_padding=False, **selectors)
+    selectors = dict(layer=layer, head=head, sample=sample, step=step, time=time, node=node)
+    chosen = select(site_node, variable, drop_padding=False, **{d: v for d, v in selectors.items() if v is not None})
     sample_position = chosen.positions.get("sample")
     row = position(site_node, "query", query, sample=sample_position)
     rows_of = site_node.coords["key_patch_row"]
@@ -126,9 +224,79 @@ def patch_attention(source, *, site=None, query=0, variable="weights", layer=Non
     return PatchAttention(selection=chosen, query=row, query_label=label, patches=patches, image=_image(site_node, selectors))
 
 
-def draw_patch_attention(data: PatchAttention, ax=None, *, overlay: bool = True, alpha: float = 0.5, cmap=OVERLAY_CMAP,
-                         title: str | None = None, colorbar: bool = True):
-    """Draw prepared patch attention: the image in grey with the upsampled attention on top.
+def _scale(values, variable: str, *, cmap, vmin, vmax, log, center):
+    """Colormap and norm of attention over an image: seed 003's ``jet`` for unsigned values by default."""
+    if cmap is None and not is_diverging(variable, center):
+        cmap = OVERLAY_CMAP
+    return color_scale(values, variable=variable, cmap=cmap, vmin=vmin, vmax=vmax, log=log, center=center)
+
+
+def _draw(ax, data: PatchAttention, cmap, norm, *, overlay: bool, alpha: float):
+    """Draw the patch grid (or the image and the upsampled attention on it); returns the attention's image."""
+    if overlay and data.image is not None:
+        ax.imshow(data.image, cmap="gray" if data.image.ndim == 2 else None, interpolation="nearest")
+        attention = ax.imshow(np.ma.masked_invalid(data.upsampled()), cmap=cmap, norm=norm, alpha=alpha,
+                              interpolation="nearest")
+    else:
+        attention = ax.imshow(np.ma.masked_invalid(data.patches), cmap=cmap, norm=norm, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return attention
+
+
+def wrap_title(text: str, width_inches: float, fontsize: float) -> str:
+    """``text`` broken at its `` | `` separators into lines that fit ``width_inches`` at ``fontsize`` points.
+
+    Parameters
+    ----------
+    text : str
+        A title whose parts are joined by `` | ``.
+    width_inches : float
+        Room for one line.
+    fontsize : float
+        Font size of the title, in points.
+
+    Examples
+    --------
+    >>> print(wrap_title("encoder/self | layer 1 | head 0 | query [CLS] | weights (softmax)", 2.5, 9))
+    encoder/self | layer 1 | head 0
+    query [CLS] | weights (softmax)
+    """
+    per_line = max(12, int(width_inches / text_width("x", fontsize)))
+    lines, current = [], ""
+    for part in text.split(" | "):
+        candidate = f"{current} | {part}" if current else part
+        if current and len(candidate) > per_line:
+            lines.append(current)
+            current = part
+        else:
+            current = candidate
+    return "\n".join(lines + [current])
+
+
+@documented
+def draw_patch_attention(data: PatchAttention, ax=None, *, overlay: bool = True, alpha: float = 0.5, cmap=None,
+                         vmin=None, vmax=None, log: bool = False, center=None, colorbar: bool = True,
+                         figsize=None, title: str | None = None):
+    """Draw prepared patch attention: the patch grid, or the image in grey with the upsampled attention on top.
+
+    Parameters
+    ----------
+    data : PatchAttention
+        From :func:`patch_attention`.
+    $ax
+    overlay : bool, default True
+        Draw over the stored image (when there is one); False draws the patch grid alone.
+    $image_alpha
+    $image_cmap
+    $colorbar
+    $figsize
+    $title
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+        ``ax.images[-1]`` is the attention (its norm is the colorbar's).
 
     Examples
     --------
@@ -138,73 +306,176 @@ def draw_patch_attention(data: PatchAttention, ax=None, *, overlay: bool = True,
     >>> ax.images[0].get_array().shape
     (4, 4)
     """
-    ax = axes_or_new(ax)
-    colormap, norm = color_scale(data.patches, cmap=cmap)
-    if overlay and data.image is not None:
-        ax.imshow(data.image, cmap="gray" if data.image.ndim == 2 else None, interpolation="nearest")
-        attention = ax.imshow(np.ma.masked_invalid(data.upsampled()), cmap=colormap, norm=norm, alpha=alpha, interpolation="nearest")
-    else:
-        attention = ax.imshow(np.ma.masked_invalid(data.patches), cmap=colormap, norm=norm, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title if title is not None else data.selection.title(), fontsize=9)
+    if ax is None:
+        ax = new_figure(figsize or (5.6, 4.8)).add_subplot()
+    colormap, norm = _scale(data.patches, data.selection.variable, cmap=cmap, vmin=vmin, vmax=vmax, log=log, center=center)
+    _draw(ax, data, colormap, norm, overlay=overlay, alpha=alpha)
+    suffix = " | over the image" if overlay and data.image is not None else ""
+    ax.set_title(title if title is not None else wrap_title(data.selection.title() + suffix, 4.0, 9), fontsize=9)
     if colorbar:
-        ax.figure.colorbar(attention, ax=ax, label=data.selection.normalization, shrink=0.8)
+        labelled_colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=ax, values=data.patches, label=data.label)
     return ax
 
 
+@documented
 def image_overlay(source, *, site=None, query=0, variable="weights", layer=None, head=None, sample=None, step=None,
-                  alpha: float = 0.5, cmap=OVERLAY_CMAP, ax=None):
+                  time=None, node=None, alpha: float = 0.5, cmap=None, vmin=None, vmax=None, log: bool = False,
+                  center=None, colorbar: bool = True, ax=None, figsize=None, title: str | None = None):
     """A query's attention over the patches, upsampled onto the stored image (seed 003's overlay).
 
-    ``ax.images[0]`` is the image, ``ax.images[1]`` the attention (one value per patch, stretched
-    over the patch's pixels).
+    ``ax.images[0]`` is the image (grey), ``ax.images[1]`` the attention: one stored value per
+    patch, copied to every pixel of the patch (no interpolation, no rescaling). The colorbar
+    shows the attention's scale at full opacity; over the image the colours are blended at ``alpha``.
+
+    Parameters
+    ----------
+    $source
+    $site
+    $image_query
+    $variable
+    $image_selectors
+    $image_alpha
+    $image_cmap
+    $colorbar
+    $ax
+    $figsize
+    $title
+
+    Returns
+    -------
+    matplotlib.axes.Axes
 
     Examples
     --------
     >>> import attnformat
     >>> from attnformat.viewer import image_overlay
     >>> ax = image_overlay(attnformat.example_path("image"), layer=0, head=1)
-    >>> len(ax.images)
-    2
+    >>> len(ax.images), ax.figure.axes[1].get_ylabel()
+    (2, 'weights (softmax), [CLS] -> patches')
     """
-    data = patch_attention(source, site=site, query=query, variable=variable, layer=layer, head=head, sample=sample, step=step)
-    return draw_patch_attention(data, ax, alpha=alpha, cmap=cmap, title=f"{data.selection.title()} | over the image")
+    data = patch_attention(source, site=site, query=query, variable=variable, layer=layer, head=head, sample=sample,
+                           step=step, time=time, node=node)
+    return draw_patch_attention(data, ax, alpha=alpha, cmap=cmap, vmin=vmin, vmax=vmax, log=log, center=center,
+                                colorbar=colorbar, figsize=figsize, title=title)
 
 
-def image_attention_grid(source, *, over: str = "head", site=None, query=0, variable="weights", layer=None, head=None,
-                         sample=None, step=None, alpha: float = 0.5, cmap=OVERLAY_CMAP):
+def image_grid_data(source, *, over: str = "head", site=None, query=0, variable="weights", layer=None, head=None,
+                    sample=None, step=None, time=None, node=None) -> tuple[list[str], list[PatchAttention]]:
+    """The panels of :func:`image_attention_grid`: ``(names along over, patch attention of each)``; draws nothing.
+
+    Parameters
+    ----------
+    over : {"head", "layer"}
+        One panel per head (of one layer) or per layer (of one head, or the mean over heads).
+    source, site, query, variable, layer, head, sample, step, time, node
+        As for :func:`image_attention_grid`.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> names, panels = image_grid_data(attnformat.example_path("image"), over="layer", head=0)
+    >>> names, panels[1].patches.shape
+    (['0', '1'], (4, 4))
+    """
+    if over not in ("head", "layer"):
+        raise SelectionError(f"image grids go over 'head' or 'layer', not {over!r}")
+    site_node = resolve_site(source, site)
+    if over not in site_node.sizes:
+        raise SelectionError(f"site {site_name(site_node)} of {site_node.root.encoding.get('source', 'the tree')} has no "
+                             f"{over} dimension to draw one panel per {over}; dimensions: {', '.join(site_node.sizes)}")
+    names = [str(v) for v in site_node.coords[over].values] if over in site_node.coords else \
+        [str(i) for i in range(site_node.sizes[over])]
+    panels = []
+    for index, name in enumerate(names):
+        selectors = dict(layer=layer, head=head, sample=sample, step=step, time=time, node=node)
+        # A position, not the label: labels need not be unique or numeric.
+        selectors[over] = site_node.coords[over].values[index] if over in site_node.coords else index
+        panels.append(patch_attention(site_node, query=query, variable=variable, **selectors))
+    return names, panels
+
+
+@documented
+def image_attention_grid(source, *, over: str = "head", site=None, query=0, variable="weights", layer=None,
+                         head=None, sample=None, step=None, time=None, node=None, overlay: bool = True,
+                         per_panel: bool = False, alpha: float = 0.5, cmap=None, vmin=None, vmax=None,
+                         log: bool = False, center=None, colorbar: bool = True, ncols: int | None = None,
+                         figsize=None, title: str | None = None):
     """Per head (of one layer) or per layer (one head or the mean): the patch attention on top, the
     overlay on the image below (seed 003's attention-pattern, head and layer figures).
+
+    All panels share one colour scale and one colorbar by default, so a uniform head looks
+    uniform (pale) next to a peaked one; ``per_panel=True`` scales each head or layer on its own
+    and gives each panel its own colorbar. The patch panel and the overlay of one head or layer
+    always share a scale.
+
+    Parameters
+    ----------
+    $source
+    over : {"head", "layer"}, default "head"
+        One column per head (of ``layer``) or per layer (of ``head``, by default the mean over heads).
+    $site
+    $image_query
+    $variable
+    $image_selectors
+    $image_overlay_row
+    $image_per_panel
+    $image_alpha
+    $image_cmap
+    $colorbar
+    $image_ncols
+    $figsize
+    $title
 
     Returns
     -------
     matplotlib.figure.Figure
-        ``2 x n`` image Axes (pure attention row, overlay row), then their colorbars.
+        The patch Axes (one per head or layer), then the overlay Axes, then the colorbar(s).
 
     Examples
     --------
     >>> import attnformat
     >>> from attnformat.viewer import image_attention_grid
     >>> figure = image_attention_grid(attnformat.example_path("image"), over="layer")
-    >>> [ax.get_title() for ax in figure.axes[:2]]
-    ['layer 0', 'layer 1']
+    >>> [ax.get_title() for ax in figure.axes[:2]], figure.axes[-1].get_ylabel()
+    (['layer 0', 'layer 1'], 'weights (softmax), [CLS] -> patches')
     """
-    if over not in ("head", "layer"):
-        raise SelectionError(f"image grids go over 'head' or 'layer', not {over!r}")
-    site_node = resolve_site(source, site)
-    names = [str(v) for v in site_node.coords[over].values] if over in site_node.coords else \
-        [str(i) for i in range(site_node.sizes[over])]
-    panels = []
-    for name in names:
-        selectors = dict(layer=layer, head=head, sample=sample, step=step)
-        selectors[over] = int(name) if name.lstrip("-").isdigit() else name
-        panels.append(patch_attention(site_node, query=query, variable=variable, **selectors))
-    figure, axes = grid(2 * len(names), ncols=len(names), panel_size=(3.0, 3.0))
-    for index, (name, data) in enumerate(zip(names, panels)):
-        draw_patch_attention(data, axes[index], overlay=False, cmap=cmap, title=f"{over} {name}", colorbar=False)
-        draw_patch_attention(data, axes[len(names) + index], alpha=alpha, cmap=cmap, title=f"{over} {name} on the image",
-                             colorbar=False)
+    names, panels = image_grid_data(source, over=over, site=site, query=query, variable=variable, layer=layer,
+                                    head=head, sample=sample, step=step, time=time, node=node)
+    overlay = overlay and panels[0].image is not None
+    columns = max(1, min(ncols or DEFAULT_IMAGE_COLUMNS, len(names)))
+    chunks = math.ceil(len(names) / columns)
+    rows_per_chunk = 2 if overlay else 1
+    # Room for the colorbars: one beside every panel, or one for the whole figure.
+    colorbar_width = (1.1 * columns if per_panel else 0.9) if colorbar else 0.0
+    # Panels are square images under a title line: a little narrower than tall.
+    figure = new_figure(figsize or (columns * (PANEL_INCHES - 0.25) + colorbar_width,
+                                    chunks * rows_per_chunk * (PANEL_INCHES + 0.35) + 0.6))
+    layout = figure.add_gridspec(chunks * rows_per_chunk, columns)
+    scale = dict(cmap=cmap, vmin=vmin, vmax=vmax, log=log, center=center)
+    shared_values = np.stack([p.patches for p in panels])
+    shared = _scale(shared_values, variable, **scale)
+    rows = [("", False)] + ([(" on the image", True)] if overlay else [])
+    drawn = []
+    for offset, (suffix, on_image) in enumerate(rows):
+        for index, (name, data) in enumerate(zip(names, panels)):
+            chunk, column = divmod(index, columns)
+            ax = figure.add_subplot(layout[chunk * rows_per_chunk + offset, column])
+            colormap, norm = _scale(data.patches, variable, **scale) if per_panel else shared
+            image = _draw(ax, data, colormap, norm, overlay=on_image, alpha=alpha)
+            ax.set_title(f"{over} {name}{suffix}", fontsize=9)
+            if not np.isfinite(data.patches).any():
+                # A step or layer never captured: say so rather than draw a blank (or grey) panel.
+                mark_not_captured(ax, image)
+            drawn.append((ax, data, image))
+    if colorbar and per_panel:
+        for ax, data, image in drawn:
+            mappable = ScalarMappable(norm=image.norm, cmap=image.cmap)
+            labelled_colorbar(mappable, ax=ax, values=data.patches, label=colorbar_label(data.selection), fraction=0.08)
+    elif colorbar:
+        colormap, norm = shared
+        labelled_colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=[ax for ax, _, _ in drawn], values=shared_values,
+                          label=panels[0].label, fraction=0.04)
     first = panels[0].selection
-    figure.suptitle(f"{first.title(skip=(over,))} | every {over}", fontsize=10)
+    default = f"{first.title(skip=(over,))} | every {over}" + (" | one scale per panel" if per_panel else "")
+    figure.suptitle(title if title is not None else wrap_title(default, figure.get_figwidth() - 0.3, 10), fontsize=10)
     return figure

@@ -1,12 +1,24 @@
-"""Figures and files: new Axes or grids of Axes, and saving to PNG, SVG (text kept as text) or PDF."""
+"""Figures and files: new Axes or grids of Axes sized to their labels, and saving to PNG, SVG or PDF.
+
+Why figures size themselves here: a map with 29 token labels drawn in a default 6.4 x 4.8 inch
+panel stacks the labels on top of each other. The size a map needs is plain arithmetic on what it
+shows: one label pitch (:func:`label_pitch`) per row and column, room for the longest label on the
+left and below, a line for each title, room for the colorbar. :func:`layout_maps` does that
+arithmetic once, before anything is drawn (no trial draws: rendering speed matters for reports),
+and says how many labels to skip when the figure would grow past :data:`MAX_FIGSIZE` or past a
+``figsize`` the user gave (which always wins).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.figure
 
 from attnformat.errors import AttnFormatError
 
@@ -14,7 +26,33 @@ from attnformat.errors import AttnFormatError
 FORMATS = ("png", "svg", "pdf")
 #: Matplotlib settings for saved files. ``svg.fonttype: none`` keeps labels as ``<text>``
 #: elements that stay editable in a vector editor (seed 004).
-SAVE_RC = {"svg.fonttype": "none", "pdf.fonttype": 42, "savefig.bbox": "tight"}
+SAVE_RC = {"svg.fonttype": "none", "pdf.fonttype": 42}
+
+#: Font size (points) of token tick labels on maps.
+TICK_FONTSIZE = 7.0
+#: Font size (points) of panel titles.
+TITLE_FONTSIZE = 9.0
+#: Font size (points) of figure titles (suptitles).
+SUPTITLE_FONTSIZE = 11.0
+#: Font size (points) of the legend that says what missing cells mean.
+LEGEND_FONTSIZE = 8.0
+#: Inches below the maps for that legend (two lines of it: the patch row and its padding).
+LEGEND_BAND = (LEGEND_FONTSIZE * 2.6 + 8) / 72
+#: Figures never size themselves past this (inches, width x height); past it, labels are thinned.
+MAX_FIGSIZE = (20.0, 16.0)
+#: One map panel never sizes itself past this many inches in either direction.
+MAX_PANEL = 8.0
+#: Nor below this (a 3-token map still gets a readable panel).
+MIN_PANEL = 2.4
+#: Height of one line of text, in font sizes (DejaVu Sans' ascent plus descent is 1.164).
+LINE_HEIGHT = 1.2
+#: Distance between neighbouring label centres, in font sizes: a line plus a small gap.
+LABEL_PITCH = 1.3
+#: Width of one character, in font sizes: above DejaVu Sans' average (0.52 for identifiers like
+#: ``agentview_image_3``) so that sizes err on the roomy side; wide (CJK) characters count 1.0.
+CHAR_WIDTH = 0.62
+#: Constrained layout's padding around every Axes (inches; rcParams default 3 points a side).
+_AXES_PAD = 2 * 3 / 72
 
 
 def _pyplot():
@@ -24,8 +62,325 @@ def _pyplot():
     return plt
 
 
-def axes_or_new(ax=None, figsize=(6.4, 5.2)):
-    """``ax`` itself, or the Axes of a new figure.
+def font_points(size) -> float:
+    """A Matplotlib font size (``"medium"``, ``11``) in points, relative to rcParams ``font.size``.
+
+    Examples
+    --------
+    >>> font_points(9), font_points("medium") == matplotlib.rcParams["font.size"]
+    (9.0, True)
+    """
+    from matplotlib.font_manager import FontProperties
+
+    return float(FontProperties(size=size).get_size_in_points())
+
+
+def text_width(text: str, fontsize: float) -> float:
+    """Estimated width in inches of ``text`` set at ``fontsize`` points (arithmetic, no drawing).
+
+    Errs on the wide side for Latin text; East Asian wide characters count one em.
+
+    Examples
+    --------
+    >>> round(text_width("agentview_image_3", 7.0), 3)
+    1.025
+    """
+    text = str(text)
+    if text.isascii():
+        return len(text) * CHAR_WIDTH * fontsize / 72
+    ems = sum(1.0 if unicodedata.east_asian_width(c) in "WF" else CHAR_WIDTH for c in text)
+    return ems * fontsize / 72
+
+
+def longest_label(labels, fontsize: float = TICK_FONTSIZE) -> float:
+    """Width in inches of the widest of ``labels`` (0 for none).
+
+    Examples
+    --------
+    >>> round(longest_label(["a", "abc"], 72 / 0.62), 6)
+    3.0
+    """
+    return max((text_width(label, fontsize) for label in labels), default=0.0)
+
+
+def label_pitch(fontsize: float = TICK_FONTSIZE) -> float:
+    """Inches between neighbouring tick labels so that they do not touch.
+
+    Examples
+    --------
+    >>> round(label_pitch(7.0), 4)
+    0.1264
+    """
+    return LABEL_PITCH * fontsize / 72
+
+
+def tick_step(count: int, length: float, fontsize: float = TICK_FONTSIZE) -> int:
+    """Show every ``tick_step``-th of ``count`` labels along ``length`` inches so that none overlap.
+
+    Examples
+    --------
+    >>> tick_step(29, 4.0), tick_step(100, 4.0), tick_step(0, 1.0)
+    (1, 4, 1)
+    """
+    if count <= 1 or length <= 0:
+        return 1
+    return max(1, math.ceil(count * label_pitch(fontsize) / length - 1e-9))
+
+
+def ordinal(number: int) -> str:
+    """``2nd``, ``3rd``, ``11th``.
+
+    Examples
+    --------
+    >>> [ordinal(n) for n in (1, 2, 3, 4, 11, 22)]
+    ['1st', '2nd', '3rd', '4th', '11th', '22nd']
+    """
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+@dataclass(frozen=True)
+class MapPanel:
+    """What one map panel shows, for sizing: its map shape and the tick labels drawn on each axis.
+
+    ``query_labels``/``key_labels`` are the labels drawn on this panel (empty when the panel leaves
+    them to a neighbour); ``ylabel``/``xlabel`` say whether it has an axis label.
+    """
+
+    rows: int
+    cols: int
+    query_labels: tuple = ()
+    key_labels: tuple = ()
+    ylabel: bool = True
+    xlabel: bool = True
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """The result of :func:`layout_maps`: the figure size and the size of every map panel (inches).
+
+    Examples
+    --------
+    >>> layout = layout_maps([MapPanel(29, 29, tuple("x" * 29), tuple("y" * 29))])
+    >>> layout.steps(29, 29)
+    (1, 1)
+    """
+
+    figsize: tuple[float, float]
+    panel: tuple[float, float]
+    nrows: int
+    ncols: int
+    #: Inches left of the first column, below the last row and above the first row of panels
+    #: (labels, titles, legend and padding), for placing a single panel without a layout engine.
+    margins: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: Per grid column, the inches its query labels and y axis label take left of its panels.
+    lefts: tuple = ()
+    #: Per grid row, the inches its key labels and x axis label take below its panels.
+    belows: tuple = ()
+    #: Per grid row, the inches its panel titles take above its panels.
+    aboves: tuple = ()
+    #: Inches at the top taken by the figure title, and at the bottom by the legend.
+    suptitle_band: float = 0.0
+    legend_band: float = 0.0
+
+    def panel_rect(self) -> tuple[float, float, float, float]:
+        """``[left, bottom, width, height]`` in figure fractions of the first panel (single-panel figures)."""
+        width, height = self.figsize
+        left, bottom, _ = self.margins
+        return (left / width, bottom / height, self.panel[0] / width, self.panel[1] / height)
+
+    def panel_rects(self, count: int | None = None) -> list[tuple[float, float, float, float]]:
+        """``[left, bottom, width, height]`` in figure fractions of every panel, in reading order.
+
+        The same arithmetic that sized the figure places the panels: from the left, per grid
+        column, its label band, half the Axes padding, the panel, half the padding; from the top,
+        the figure title, then per grid row its title band, the panel and its label band. So every
+        label lands in the room reserved for it, and no layout engine has to measure anything.
+
+        Examples
+        --------
+        >>> layout = layout_maps([MapPanel(10, 10, ("abc",) * 10, ("abc",) * 10)] * 2, ncols=2)
+        >>> first, second = layout.panel_rects()
+        >>> first[1] == second[1] and first[0] + first[2] < second[0]
+        True
+        """
+        width, height = self.figsize
+        panel_w, panel_h = self.panel
+        count = self.nrows * self.ncols if count is None else count
+        lefts = self.lefts or (self.margins[0] - _AXES_PAD / 2 - 0.05,) + (0.0,) * (self.ncols - 1)
+        aboves = self.aboves or (0.0,) * self.nrows
+        belows = self.belows or (0.0,) * self.nrows
+        xs, x = [], 0.05
+        for column in range(self.ncols):
+            x += lefts[column] + _AXES_PAD / 2
+            xs.append(x)
+            x += panel_w + _AXES_PAD / 2
+        tops, y = [], height - 0.05 - self.suptitle_band
+        for row in range(self.nrows):
+            y -= aboves[row] + _AXES_PAD / 2
+            tops.append(y)
+            y -= panel_h + _AXES_PAD / 2 + belows[row]
+        rects = []
+        for index in range(count):
+            row, column = divmod(index, self.ncols)
+            rects.append((xs[column] / width, (tops[row] - panel_h) / height, panel_w / width, panel_h / height))
+        return rects
+
+    def colorbar_rect(self, count: int | None = None, shrink: float = 0.8) -> tuple[float, float, float, float]:
+        """``[left, bottom, width, height]`` in figure fractions of a colorbar right of all panels.
+
+        It starts 0.2 inch right of the rightmost panel, spans ``shrink`` of the panels' height
+        (centred on it), and is as thick as the colorbar band of :func:`layout_maps` allows.
+
+        Examples
+        --------
+        >>> layout = layout_maps([MapPanel(10, 10)] * 2, ncols=2)
+        >>> layout.colorbar_rect()[0] > layout.panel_rects()[1][0] + layout.panel_rects()[1][2]
+        True
+        """
+        rects = self.panel_rects(count)
+        right = max(left + w for left, _, w, _ in rects)
+        top = max(bottom + h for _, bottom, _, h in rects)
+        bottom = min(b for _, b, _, _ in rects)
+        width, height = self.figsize
+        thick = min(max(self.panel[1] / 20, 0.12), 0.22) / width
+        span = (top - bottom) * shrink
+        return (right + 0.2 / width, bottom + (top - bottom - span) / 2, thick, span)
+
+    def steps(self, rows: int, cols: int, fontsize: float = TICK_FONTSIZE) -> tuple[int, int]:
+        """``(query step, key step)``: every how many labels fit a panel of this layout."""
+        return tick_step(rows, self.panel[1], fontsize), tick_step(cols, self.panel[0], fontsize)
+
+
+def _label_band(labels, axis_label: bool) -> float:
+    """Inches taken beside a map by tick labels, ticks and an axis label."""
+    band = 0.0
+    if len(labels):
+        ticks = (matplotlib.rcParams["xtick.major.size"] + matplotlib.rcParams["xtick.major.pad"]) / 72
+        band += longest_label(labels) + ticks
+    if axis_label:
+        band += (font_points(matplotlib.rcParams["axes.labelsize"]) * LINE_HEIGHT + matplotlib.rcParams["axes.labelpad"]) / 72
+    return band
+
+
+def _colorbar_band(height: float) -> float:
+    """Inches right of the maps taken by a shared colorbar: pad, bar, tick labels, label."""
+    tick_points = font_points(matplotlib.rcParams["ytick.labelsize"])
+    label_points = font_points(matplotlib.rcParams["axes.labelsize"])
+    return 0.3 + height / 20 + 0.1 + 7 * CHAR_WIDTH * tick_points / 72 + (label_points * LINE_HEIGHT + 6) / 72
+
+
+def layout_maps(panels, *, ncols: int = 4, figsize=None, colorbar: bool = True, suptitle: str = "",
+                legend: bool | str = False) -> MapLayout:
+    """Size a figure of map panels (rows of ``ncols``) so that no tick label overlaps another.
+
+    Each panel gets one :func:`label_pitch` per map row and column (at least :data:`MIN_PANEL`,
+    at most :data:`MAX_PANEL` inches); each grid column gets room for the widest query labels drawn
+    in it, each grid row for the longest key labels (drawn rotated) and its panels' titles; then a
+    colorbar and a figure title. When that passes :data:`MAX_FIGSIZE`, panels shrink to fit and
+    :meth:`MapLayout.steps` says how many labels to skip. A given ``figsize`` is used as it is and
+    panels get what is left of it.
+
+    Parameters
+    ----------
+    panels : list of MapPanel
+        The panels in reading order.
+    ncols : int
+        Panels per row.
+    figsize : (float, float), optional
+        The user's figure size, used as given.
+    colorbar : bool
+        Leave room right of the panels for one shared colorbar.
+    suptitle : str
+        The figure title, if any (the figure is at least as wide as it).
+    legend : bool or str
+        Leave a line below the panels for a legend (the "not captured" patch); given its text, the
+        figure is also at least as wide as the legend.
+
+    Examples
+    --------
+    >>> labels = tuple(f"agentview_image_{i}" for i in range(29))
+    >>> layout = layout_maps([MapPanel(29, 29, labels, labels)] * 3, ncols=3)
+    >>> layout.steps(29, 29), layout.figsize[0] < MAX_FIGSIZE[0]
+    ((1, 1), True)
+    >>> layout_maps([MapPanel(100, 100, labels, labels)], figsize=(5, 4)).figsize
+    (5.0, 4.0)
+    """
+    panels = list(panels)
+    count = max(1, len(panels))
+    ncols = max(1, min(int(ncols), count))
+    nrows = math.ceil(count / ncols)
+    pitch = label_pitch()
+    rows = max((p.rows for p in panels), default=1)
+    cols = max((p.cols for p in panels), default=1)
+    # A panel is at least as wide as its title (centred over it), so titles never run into neighbours.
+    title_w = max((text_width(line, TITLE_FONTSIZE) + 0.1 for p in panels for line in p.title.split("\n") if line),
+                  default=0.0)
+    want_w = min(MAX_PANEL, max(MIN_PANEL, cols * pitch, title_w))
+    want_h = min(MAX_PANEL, max(MIN_PANEL, rows * pitch))
+
+    left = [0.0] * ncols  # per grid column: query labels and the y axis label
+    below = [0.0] * nrows  # per grid row: key labels and the x axis label
+    above = [0.0] * nrows  # per grid row: panel titles
+    for index, panel in enumerate(panels):
+        row, column = divmod(index, ncols)
+        left[column] = max(left[column], _label_band(panel.query_labels, panel.ylabel))
+        below[row] = max(below[row], _label_band(panel.key_labels, panel.xlabel))
+        if panel.title:
+            lines = panel.title.count("\n") + 1
+            above[row] = max(above[row], (lines * TITLE_FONTSIZE * LINE_HEIGHT + matplotlib.rcParams["axes.titlepad"]) / 72)
+    fixed_w = sum(left) + ncols * _AXES_PAD + 0.1
+    fixed_h = sum(below) + sum(above) + nrows * _AXES_PAD + 0.1
+    top = above[0] + _AXES_PAD / 2 + 0.05
+    bottom = below[-1] + _AXES_PAD / 2 + 0.05
+    # A figure title of several lines takes a line each (and is as wide as its longest line).
+    suptitle_lines = str(suptitle).split("\n") if suptitle else []
+    suptitle_band = (SUPTITLE_FONTSIZE * LINE_HEIGHT * len(suptitle_lines) + 8) / 72 if suptitle else 0.0
+    fixed_h += suptitle_band
+    top += suptitle_band
+    if legend:
+        fixed_h += LEGEND_BAND
+        bottom += LEGEND_BAND
+    margins = (left[0] + _AXES_PAD / 2 + 0.05, bottom, top)
+    bands = dict(lefts=tuple(left), belows=tuple(below), aboves=tuple(above),
+                 suptitle_band=suptitle_band,
+                 legend_band=LEGEND_BAND if legend else 0.0)
+
+    if figsize is not None:
+        width, height = (float(v) for v in figsize)
+        band = _colorbar_band(height) if colorbar else 0.0
+        panel_w = max(0.3, (width - fixed_w - band) / ncols)
+        panel_h = max(0.3, (height - fixed_h) / nrows)
+        return MapLayout((width, height), (panel_w, panel_h), nrows, ncols, margins, **bands)
+
+    panel_h = min(want_h, max(MIN_PANEL / 2, (MAX_FIGSIZE[1] - fixed_h) / nrows))
+    height = fixed_h + nrows * panel_h
+    band = _colorbar_band(height) if colorbar else 0.0
+    panel_w = min(want_w, max(MIN_PANEL / 2, (MAX_FIGSIZE[0] - fixed_w - band) / ncols))
+    width = fixed_w + band + ncols * panel_w
+    # A figure title or a legend longer than the panels widens the figure (up to the maximum).
+    texts = [longest_label(suptitle_lines, SUPTITLE_FONTSIZE) + 0.2] if suptitle else []
+    texts += [text_width(legend, LEGEND_FONTSIZE) + 0.6] if isinstance(legend, str) and legend else []
+    if texts:
+        width = min(max(width, *texts), max(width, MAX_FIGSIZE[0]))
+        panel_w = (width - fixed_w - band) / ncols
+    return MapLayout((round(width, 2), round(height, 2)), (panel_w, panel_h), nrows, ncols, margins, **bands)
+
+
+def new_figure(figsize, *, layout: str | None = "constrained") -> matplotlib.figure.Figure:
+    """A new pyplot figure of ``figsize`` inches laid out by ``layout`` (constrained by default).
+
+    Examples
+    --------
+    >>> new_figure((3.0, 2.0)).get_size_inches().tolist()
+    [3.0, 2.0]
+    """
+    return _pyplot().figure(figsize=figsize, layout=layout)
+
+
+def axes_or_new(ax=None, figsize=None):
+    """``ax`` itself, or the Axes of a new constrained-layout figure (``figsize`` inches, default 6.4 x 5.2).
 
     Examples
     --------
@@ -35,27 +390,59 @@ def axes_or_new(ax=None, figsize=(6.4, 5.2)):
     """
     if ax is not None:
         return ax
-    figure = _pyplot().figure(figsize=figsize)
+    # Constrained layout keeps every label on the canvas, so files need no cropping to be whole.
+    figure = new_figure(figsize if figsize is not None else (6.4, 5.2))
     return figure.add_subplot()
 
 
-def grid(count: int, *, ncols: int = 4, panel_size=(3.6, 3.2), figure=None):
+def grid(count: int, *, ncols: int = 4, panel_size=(3.6, 3.2), figure=None, figsize=None):
     """A figure with ``count`` Axes in rows of ``ncols`` (no empty Axes left over).
 
-    Returns ``(figure, list_of_axes)``.
+    Returns ``(figure, list_of_axes)``. The figure is ``figsize`` inches when given (the user's
+    size wins), else ``panel_size`` per panel.
 
     Examples
     --------
     >>> figure, axes = grid(6, ncols=4)
     >>> len(axes), axes[5].get_subplotspec().rowspan.start
     (6, 1)
+    >>> grid(2, figsize=(5, 2))[0].get_size_inches().tolist()
+    [5.0, 2.0]
     """
     ncols = max(1, min(ncols, count))
     nrows = math.ceil(count / ncols)
     if figure is None:
-        figure = _pyplot().figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
+        size = figsize if figsize is not None else (panel_size[0] * ncols, panel_size[1] * nrows)
+        figure = new_figure(size)
     axes = [figure.add_subplot(nrows, ncols, i + 1) for i in range(count)]
     return figure, axes
+
+
+def placed_grid(layout: MapLayout, count: int, *, colorbar: bool = True):
+    """A figure of ``count`` map Axes (and a colorbar's) placed where ``layout`` computed, no layout engine.
+
+    Returns ``(figure, list_of_axes, colorbar_axes or None)``. The Axes are subplots of a
+    ``nrows x ncols`` grid (so ``get_subplotspec`` says where each sits) moved to the rectangles of
+    :meth:`MapLayout.panel_rects`. Why not constrained layout: it measures every tick label of
+    every Axes twice per draw, more than half the time of drawing a 12-head grid, to find margins
+    that :func:`layout_maps` already worked out from the same labels.
+
+    Examples
+    --------
+    >>> layout = layout_maps([MapPanel(5, 5, tuple("abcde"), tuple("abcde"))] * 3, ncols=2)
+    >>> figure, axes, bar = placed_grid(layout, 3)
+    >>> len(axes), figure.get_layout_engine() is None, axes[2].get_subplotspec().rowspan.start
+    (3, True, 1)
+    """
+    figure = new_figure(layout.figsize, layout=None)
+    gridspec = figure.add_gridspec(layout.nrows, layout.ncols)
+    axes = []
+    for index, rect in enumerate(layout.panel_rects(count)):
+        ax = figure.add_subplot(gridspec[divmod(index, layout.ncols)])
+        ax.set_position(rect)
+        axes.append(ax)
+    colorbar_axes = figure.add_axes(layout.colorbar_rect(count)) if colorbar else None
+    return figure, axes, colorbar_axes
 
 
 def figure_of(drawn):
@@ -81,8 +468,62 @@ def close_figure(drawn) -> None:
     _pyplot().close(figure_of(drawn))
 
 
-def save_figure(drawn, path: str | os.PathLike, *, dpi: int = 150, close: bool = True) -> Path:
+def save_options(dpi=None, bbox_inches=None) -> dict:
+    """The ``dpi`` and ``bbox_inches`` :func:`save_figure` passes to ``savefig``.
+
+    The rule: a value given to the call wins; otherwise the user's rcParams decide, exactly as for
+    ``plt.savefig``: ``savefig.dpi`` (seed 004 sets 300; Matplotlib's default ``"figure"`` is the
+    figure's own dpi) and ``savefig.bbox`` (``"tight"`` crops to what is drawn, as seed 004 sets
+    it; ``"standard"``, which Matplotlib stores as None like its default, keeps the whole canvas,
+    ``figsize`` x ``dpi`` pixels). Nothing is lost at the canvas edge either way, since every
+    viewer figure is laid out by constrained layout or placed by the arithmetic of :func:`layout_maps`.
+
+    Parameters
+    ----------
+    dpi : float or "figure", optional
+        Resolution given by the caller.
+    bbox_inches : "tight", "standard" or matplotlib.transforms.Bbox, optional
+        Cropping given by the caller.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> with matplotlib.rc_context({"savefig.dpi": 300, "savefig.bbox": "tight"}):
+    ...     save_options(), save_options(dpi=72, bbox_inches="standard")
+    ({'dpi': 300.0, 'bbox_inches': 'tight'}, {'dpi': 72, 'bbox_inches': 'standard'})
+    >>> with matplotlib.rc_context({"savefig.bbox": "standard"}):
+    ...     save_options()["bbox_inches"]
+    'standard'
+    """
+    if dpi is None:
+        dpi = matplotlib.rcParams["savefig.dpi"]
+    if bbox_inches is None:
+        bbox_inches = matplotlib.rcParams["savefig.bbox"] or "standard"
+    return {"dpi": dpi, "bbox_inches": bbox_inches}
+
+
+def save_figure(drawn, path: str | os.PathLike, *, dpi: float | str | None = None, bbox_inches=None,
+                close: bool = True) -> Path:
     """Save an Axes' or a Figure's figure; the suffix picks PNG, SVG (text as ``<text>``) or PDF.
+
+    Parameters
+    ----------
+    drawn : matplotlib.axes.Axes or matplotlib.figure.Figure
+        What a plot function returned.
+    path : str or os.PathLike
+        Destination; ``.png``, ``.svg`` or ``.pdf``.
+    dpi : float or "figure", optional
+        Resolution. By default rcParams ``savefig.dpi`` (so ``plt.rcParams["savefig.dpi"] = 300``
+        is honoured; Matplotlib's own default ``"figure"`` is the figure's dpi). A given value wins.
+    bbox_inches : "tight", "standard" or matplotlib.transforms.Bbox, optional
+        ``"tight"`` crops to what is drawn; ``"standard"`` keeps the whole figure. By default
+        rcParams ``savefig.bbox`` (see :func:`save_options` for the rule).
+    close : bool, default True
+        Close the figure after saving (pyplot keeps every figure until closed).
+
+    Returns
+    -------
+    pathlib.Path
 
     Examples
     --------
@@ -98,8 +539,11 @@ def save_figure(drawn, path: str | os.PathLike, *, dpi: int = 150, close: bool =
         raise AttnFormatError(f"{path}: cannot save a plot as {suffix or 'a file without suffix'!r}; use .png, .svg or .pdf")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure = figure_of(drawn)
+    options = save_options(dpi, bbox_inches)
+    if isinstance(options["bbox_inches"], str) and options["bbox_inches"] == "standard":
+        options["bbox_inches"] = figure.bbox_inches  # the whole canvas, whatever rcParams say
     with matplotlib.rc_context(SAVE_RC):
-        figure.savefig(path, format=suffix, dpi=dpi)
+        figure.savefig(path, format=suffix, **options)
     if close:
         close_figure(figure)
     return path

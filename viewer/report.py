@@ -6,17 +6,43 @@ File names come from site paths and labels, which the file's writer chose: they 
 from the file is escaped for where it goes (:mod:`attnformat.text`): HTML-escaped in the page, so
 that a label such as ``<s>`` cannot break it; markdown-escaped in ``summary.md``, so that a
 description holding a newline cannot open a heading or load a remote image there.
+
+Why the report draws the way it does (measured on MiniLM-shaped files, see
+``benchmarks/bench_viewer.py``): nearly all of its time is Matplotlib laying out and rasterising
+figures, which holds one core per figure. So plots are drawn by several processes at once: this
+one and ``workers - 1`` helpers. Helpers are forked by the report's own fork server
+(``forkserver``; ``spawn`` where there is none, as on Windows), never by a plain ``fork`` of this
+process, which is unsafe from a process that may hold threads (TensorStore's, torch's). The
+server is a fresh, single-threaded interpreter that imports every module a plot needs once, so a
+helper starts with them imported instead of spending seconds of CPU (measured) importing xarray,
+Matplotlib and zarr again as a ``spawn``ed helper does. Each helper opens the file once (a tree is never sent between
+processes: an opened store may hold file descriptors that mean nothing elsewhere), without
+validating it again (this process validates it before any plot is handed out), and reads every site
+that fits in :data:`PRELOAD_BYTES` into memory once, so plots of one site share one read; this
+process does the same. The statistics are computed once,
+here, while the helpers draw, and serve the findings, ``stats.json`` and ``summary.md``. PNG files
+are rasterised once (no trial draw for a tight crop) and written with fast zlib settings.
 """
 
 from __future__ import annotations
 
+import collections
+import io
 import json
+import multiprocessing
 import os
 import re
+import signal
+import threading
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import matplotlib
+import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
@@ -25,13 +51,19 @@ from attnformat.errors import AttnFormatError
 from attnformat.reading import source_of
 from attnformat.text import for_html, for_markdown, markdown_code, markdown_fence
 from attnformat.viewer import catalog
-from attnformat.viewer.output import close_figure, save_figure
+from attnformat.viewer.output import close_figure, figure_of, save_figure, save_options
 from attnformat.viewer.selection import labels_of, open_source, site_name, sites_of
 from attnformat.viewer.statistics import format_summary, statistics_summary, top_pairs
 
 #: At most this many plots of one kind per site (e.g. one per layer, per time step, per node).
 MAX_PER_KIND = 8
 REPORT_DPI = 90
+#: Each drawing process reads sites whose arrays hold at most this many bytes in all into memory
+#: once, so that plots of the same site do not read (and decompress) the same maps again.
+PRELOAD_BYTES = 256 * 2**20
+#: zlib level of the report's PNG files: level 1 encodes several times faster than Matplotlib's
+#: default 6 for files about a quarter larger (PNG stays lossless either way).
+PNG_COMPRESS_LEVEL = 1
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -51,28 +83,42 @@ def safe_file_name(text: str, *, max_length: int = 100) -> str:
 
 @dataclass
 class ReportItem:
-    """One plot of the report: where it goes, what it shows, and how to draw it."""
+    """One plot of the report: where it goes, what it shows, and which plot kind draws it.
+
+    ``kind`` and ``options`` are what :func:`attnformat.viewer.plot` is called with; they are plain
+    values, so that another process can draw the plot from its own copy of the file.
+    """
 
     section: str
     caption: str
     stem: str
-    draw: Callable
+    kind: str
+    options: dict
     file: str = ""
     error: str = ""
+    source: xr.DataTree | None = field(default=None, repr=False, compare=False)
+
+    def draw(self, source=None):
+        """Draw the plot from ``source`` (by default the tree it was planned from).
+
+        Returns the Axes or Figure of the plot kind.
+        """
+        return catalog.plot(self.source if source is None else source, self.kind, **self.options)
 
 
 @dataclass
 class _Plan:
+    source: xr.DataTree
     items: list = field(default_factory=list)
     stems: dict = field(default_factory=dict)
 
-    def add(self, section, caption, stem_parts, draw):
+    def add(self, section, caption, stem_parts, kind, options):
         stem = "-".join(safe_file_name(p) for p in stem_parts if str(p))
         count = self.stems.get(stem, 0)
         self.stems[stem] = count + 1
         if count:
             stem = f"{stem}-{count + 1}"
-        self.items.append(ReportItem(section, caption, stem, draw))
+        self.items.append(ReportItem(section, caption, stem, kind, options, source=self.source))
 
 
 def _values(site, dim) -> list:
@@ -95,7 +141,7 @@ def _plan_site(plan: _Plan, tree, site) -> None:
     step = site.coords["step"].values[-1].item() if "step" in main_dims and "step" in site.coords else None
 
     def add(kind, caption, parts, **options):
-        plan.add(name, caption, [name, kind, *parts], lambda: catalog.plot(tree, kind, site=name, **options))
+        plan.add(name, caption, [name, kind, *parts], kind, {"site": name, **options})
 
     if applies["heatmap"]:
         for layer in layers:
@@ -173,26 +219,393 @@ def plan_report(source) -> list[ReportItem]:
     ['flow-layer0', 'flow-layer1']
     """
     tree = open_source(source)
-    plan = _Plan()
+    plan = _Plan(tree)
     if catalog.PLOT_KINDS["flow"].applies(tree):
         for layer in _values(sites_of(tree)[0], "layer"):
             plan.add("encoder -> decoder", f"layer {layer}: encoder self, decoder self, cross", ["flow", f"layer{layer}"],
-                     lambda layer=layer: catalog.plot(tree, "flow", layer=layer))
+                     "flow", {"layer": layer})
     for site in sites_of(tree):
         _plan_site(plan, tree, site)
     return plan.items
 
 
-def _render(item: ReportItem, out_dir: Path, dpi: int) -> None:
+# -- drawing one plot ---------------------------------------------------------------------------------
+
+
+def save_png(drawn, path, *, dpi: float = REPORT_DPI) -> Path:
+    """Save a figure as PNG, rasterising it once: what :func:`~attnformat.viewer.save_figure` writes.
+
+    The crop follows :func:`~attnformat.viewer.output.save_options` (rcParams ``savefig.bbox``):
+    the whole canvas, or with ``"tight"`` what is drawn plus ``savefig.pad_inches``, found in the
+    pixels of the one rendering instead of by a second, trial draw. Opaque images are stored as RGB
+    at zlib level :data:`PNG_COMPRESS_LEVEL`. What this cannot reproduce exactly (a transparent or
+    overridden ``savefig`` background, an explicit crop box, a drawing that reaches the canvas edge
+    under ``"tight"``) is saved by ``save_figure`` instead.
+
+    Parameters
+    ----------
+    drawn : matplotlib.axes.Axes or matplotlib.figure.Figure
+        What a plot function returned; its figure is not closed.
+    path : str or os.PathLike
+        Destination (``.png``).
+    dpi : float, default REPORT_DPI
+        Resolution.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, matplotlib.pyplot as plt
+    >>> from PIL import Image
+    >>> figure = plt.figure(figsize=(2, 1))
+    >>> _ = figure.text(0.5, 0.5, "attention")
+    >>> with Image.open(save_png(figure, pathlib.Path(tempfile.mkdtemp()) / "t.png", dpi=50)) as image:
+    ...     image.size, image.mode
+    ((100, 50), 'RGB')
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image, PngImagePlugin
+
+    path = Path(path)
+    figure = figure_of(drawn)
+    bbox = save_options(dpi)["bbox_inches"]
+    plain = (not matplotlib.rcParams["savefig.transparent"] and figure.patch.get_visible()
+             and matplotlib.rcParams["savefig.facecolor"] == "auto" and matplotlib.rcParams["savefig.edgecolor"] == "auto"
+             and isinstance(bbox, str) and bbox in ("tight", "standard") and not isinstance(dpi, str))
+    if not plain:
+        return save_figure(figure, path, dpi=dpi, close=False)
+    figure.set_dpi(dpi)
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())
+    if bbox == "tight":
+        pixels = _drawn_part(pixels, figure, round(matplotlib.rcParams["savefig.pad_inches"] * dpi))
+        if pixels is None:
+            return save_figure(figure, path, dpi=dpi, close=False)
+    if pixels[..., 3].min() == 255:
+        pixels = pixels[..., :3]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", f"Matplotlib version{matplotlib.__version__}, https://matplotlib.org/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path, format="png", compress_level=PNG_COMPRESS_LEVEL,
+                                                      pnginfo=info, dpi=(dpi, dpi))
+    return path
+
+
+def _drawn_part(pixels: np.ndarray, figure, pad: int) -> np.ndarray | None:
+    """The drawn part of a rendering with ``pad`` pixels of background around it; None when the
+    drawing may go on past the canvas (it touches an edge) or the background is not the face colour."""
+    background = pixels[0, 0]
+    expected = np.round(np.asarray(matplotlib.colors.to_rgba(figure.get_facecolor())) * 255)
+    if background[3] != 255 or np.abs(background.astype(float) - expected).max() > 1:
+        return None
+    drawn = np.any(pixels != background, axis=-1)
+    rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+    height, width = drawn.shape
+    if not rows.size or rows[0] == 0 or cols[0] == 0 or rows[-1] == height - 1 or cols[-1] == width - 1:
+        return None
+    top, bottom, left, right = rows[0] - pad, rows[-1] + 1 + pad, cols[0] - pad, cols[-1] + 1 + pad
+    out = np.empty((bottom - top, right - left, 4), dtype=pixels.dtype)
+    out[...] = background  # where the pad reaches past the canvas, as savefig pads it
+    inside = pixels[max(top, 0):min(bottom, height), max(left, 0):min(right, width)]
+    out[max(-top, 0):max(-top, 0) + inside.shape[0], max(-left, 0):max(-left, 0) + inside.shape[1]] = inside
+    return out
+
+
+def _draw_and_save(tree, kind: str, options: dict, path: Path, dpi: float) -> str:
+    """Draw one plot and save it; returns the file name."""
+    drawn = catalog.plot(tree, kind, **options)
     try:
-        drawn = item.draw()
-    except AttnFormatError as error:  # noted in the report; the other plots still get drawn
-        item.error = str(error)
-        return
-    try:
-        item.file = save_figure(drawn, out_dir / f"{item.stem}.png", dpi=dpi, close=False).name
+        return save_png(drawn, path, dpi=dpi).name
     finally:
         close_figure(drawn)
+
+
+def _outcome(draw: Callable, tree, kind: str, options: dict, path: Path, dpi: float) -> tuple[str, str]:
+    """``(file name, "")`` for a saved plot, ``("", message)`` for one the file cannot give."""
+    try:
+        return draw(tree, kind, options, path, dpi), ""
+    except AttnFormatError as error:  # noted in the report; the other plots still get drawn
+        return "", str(error)
+
+
+# -- drawing every plot, on several processes -----------------------------------------------------------
+
+
+def default_workers() -> int:
+    """How many processes draw a report by default: the CPUs this process may run on.
+
+    Examples
+    --------
+    >>> default_workers() >= 1
+    True
+    """
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # CPUs this process may use (containers, taskset)
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _preloaded(tree, budget: int = PRELOAD_BYTES):
+    """``tree`` with every site that fits in ``budget`` (in all) read into memory, in place."""
+    left = budget
+    for site in sites_of(tree):
+        size = site.dataset.nbytes
+        if size <= left:
+            site.load()
+            left -= size
+    return tree
+
+
+#: The tree a drawing process draws from (set once per process by :func:`_start_worker`).
+_WORKER_TREE = {}
+
+
+def _start_worker(location: Location, style: dict) -> None:
+    # Ctrl-C reaches the whole process group: the report's own process stops the helpers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    matplotlib.use("Agg", force=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matplotlib.rcParams.update(style)  # drawn in the caller's style, as by the caller's process
+    # The file is opened again here, never sent as a tree: an opened store may hold file
+    # descriptors that mean nothing in another process. The caller's process validates it.
+    from attnformat.reading import open as open_tree
+
+    try:
+        _WORKER_TREE["tree"] = _preloaded(open_tree(location))
+    except AttnFormatError as error:  # the caller's process reports it, once
+        _WORKER_TREE["error"] = str(error)
+
+
+def _worker_ready() -> bool:
+    return "tree" in _WORKER_TREE
+
+
+def _draw_in_worker(draw: Callable, kind: str, options: dict, path: str, dpi: float) -> tuple[str, str]:
+    if "tree" not in _WORKER_TREE:
+        return "", _WORKER_TREE["error"]
+    return _outcome(draw, _WORKER_TREE["tree"], kind, options, Path(path), dpi)
+
+
+#: What every drawing process needs before its first plot, imported once by the fork server.
+_PRELOAD = ("numpy", "matplotlib", "matplotlib.pyplot", "matplotlib.backends.backend_agg", "PIL.Image",
+            "PIL.PngImagePlugin", "xarray", "zarr", "attnformat.reading", "attnformat.viewer.report")
+
+
+def _preload_modules() -> list[str]:
+    """:data:`_PRELOAD` and the module of every plot kind (the catalog imports them on first use)."""
+    kinds = {f"attnformat.viewer.{entry.target.partition(':')[0]}" for entry in catalog.PLOT_KINDS.values()
+             if isinstance(entry.target, str)}
+    return [*_PRELOAD, *sorted(kinds)]
+
+
+try:  # where processes can receive file descriptors (Linux, macOS): forkserver
+    from multiprocessing import forkserver as _forkserver
+    from multiprocessing import popen_forkserver as _popen_forkserver
+    from multiprocessing import process as _process
+    from multiprocessing import spawn as _spawn
+    from multiprocessing import util as _util
+    from multiprocessing.context import ForkServerContext as _ForkServerContext
+    from multiprocessing.context import reduction as _reduction
+    from multiprocessing.context import set_spawning_popen as _set_spawning_popen
+except ImportError:  # Windows: helpers are spawned
+    _popen_forkserver = None
+
+if _popen_forkserver is not None:
+    #: The report's own fork server (see :func:`_forkserver_context`); started on first use.
+    _SERVER = _forkserver.ForkServer()
+
+    class _Popen(_popen_forkserver.Popen):
+        """The standard library's forkserver Popen, asking the report's server instead of the
+        interpreter's shared one."""
+
+        def _launch(self, process_obj):
+            prep_data = _spawn.get_preparation_data(process_obj._name)
+            buf = io.BytesIO()
+            _set_spawning_popen(self)
+            try:
+                _reduction.dump(prep_data, buf)
+                _reduction.dump(process_obj, buf)
+            finally:
+                _set_spawning_popen(None)
+            self.sentinel, w = _SERVER.connect_to_new_process(self._fds)
+            parent_w = os.dup(w)  # the child watches this pipe to see its parent go
+            self.finalizer = _util.Finalize(self, _util.close_fds, (parent_w, self.sentinel))
+            with open(w, "wb", closefd=True) as stream:
+                stream.write(buf.getbuffer())
+            self.pid = _forkserver.read_signed(self.sentinel)
+
+    class _Process(_process.BaseProcess):
+        _start_method = "forkserver"
+
+        @staticmethod
+        def _Popen(process_obj):
+            return _Popen(process_obj)
+
+    class _Context(_ForkServerContext):
+        Process = _Process
+
+
+def _forkserver_context():
+    """A ``forkserver`` context of the report's own, or None where there is none (Windows).
+
+    Its server is private to this module: the standard library keeps one server and one preload
+    list per interpreter, and setting that list (or starting that server first) would change the
+    caller's own ``forkserver`` processes. Ours is started on first use, single-threaded, before
+    any thread of ours, imports :func:`_preload_modules` once, and forks one helper per request:
+    each helper starts with every module a plot needs already imported, instead of importing
+    them again as a ``spawn``ed helper does (seconds of CPU each, measured). It lives as long as
+    this process, so later reports start their helpers at once. A helper still imports the
+    caller's ``__main__`` again (as under ``spawn``), which is why the guard is needed.
+    """
+    if _popen_forkserver is None:
+        return None
+    _SERVER.set_forkserver_preload(_preload_modules())  # read when the server starts, once
+    return _Context()
+
+
+def _pool(helpers: int, location: Location) -> ProcessPoolExecutor:
+    style = {key: value for key, value in matplotlib.rcParams.items() if key not in ("backend", "interactive")}
+    mp_context = _forkserver_context() or multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=helpers, mp_context=mp_context,
+                               initializer=_start_worker, initargs=(location, style))
+
+
+class _Drawing:
+    """Every item drawn once: by this process and ``workers - 1`` helper processes.
+
+    A dispatching thread feeds the helpers from the front of the list, a few items ahead; this
+    process draws from the back, so it draws while the helpers start and nothing is drawn twice
+    (items are handed out, never cancelled: Python 3.11's pool hangs when a cancelled item meets a
+    broken pool). Failures:
+
+    * an :class:`AttnFormatError` in a plot: noted on the item, the others still draw;
+    * any other exception: raised here, once the helpers have stopped;
+    * a helper that dies while drawing (a crash, the OOM killer): the pool breaks; this process
+      draws the items no helper had, and each item a helper had is drawn again alone in a fresh
+      helper, so that the one that kills its helper again is noted as not drawn;
+    * helpers that cannot start at all (a script without the ``if __name__ == "__main__":``
+      guard, which each helper process runs again): a warning, and this process draws the rest.
+    """
+
+    def __init__(self, tree, items, out_dir: Path, dpi: float, bar, *, draw: Callable = _draw_and_save, steal: bool = True):
+        # ``draw`` (a module-level function, so that helpers can import it) and ``steal`` (False:
+        # this process only hands out items) let tests decide which process draws what.
+        self.tree, self.items, self.dpi, self.bar, self.draw, self.steal = tree, items, dpi, bar, draw, steal
+        self.paths = [out_dir / f"{item.stem}.png" for item in items]
+        self.lock = threading.Lock()
+        self.queue = collections.deque(range(len(items)))
+        self.stop = threading.Event()
+        self.broken: list[int] = []
+        self.failure: BaseException | None = None
+
+    def finish(self, index: int, outcome: tuple[str, str]) -> None:
+        self.items[index].file, self.items[index].error = outcome
+        with self.lock:  # the dispatching thread finishes items too
+            self.bar.update(1)
+
+    def here(self, index: int) -> None:
+        item = self.items[index]
+        self.finish(index, _outcome(self.draw, self.tree, item.kind, item.options, self.paths[index], self.dpi))
+
+    def submit(self, pool, index: int):
+        item = self.items[index]
+        return pool.submit(_draw_in_worker, self.draw, item.kind, item.options, str(self.paths[index]), self.dpi)
+
+    def run(self, pool: ProcessPoolExecutor | None, helpers: int, location: Location | None,
+            meanwhile: Callable[[], None]) -> None:
+        """Draw every item, with ``helpers`` processes of ``pool`` when there is one; ``meanwhile``
+        runs in this process while they draw. The pool is shut down on return."""
+        if pool is None:
+            meanwhile()
+            while self.queue:
+                self.here(self.queue.popleft())
+            return
+        dispatcher = threading.Thread(target=self.dispatch, args=(pool, helpers), name="attnformat-report", daemon=True)
+        try:
+            dispatcher.start()
+            meanwhile()
+            while self.steal and not self.stop.is_set():
+                try:
+                    index = self.queue.pop()
+                except IndexError:
+                    break
+                self.here(index)
+        except BaseException:
+            self.stop.set()  # hand out nothing more; the helpers finish what they have
+            raise
+        finally:
+            dispatcher.join()
+            pool.shutdown(wait=True)  # nothing is pending: no cancelling (3.11 hangs on a cancelled item in a broken pool)
+        if self.failure is not None:
+            raise self.failure
+        while self.queue:  # left over when the pool broke and this process stopped drawing first
+            self.here(self.queue.pop())
+        if self.broken:
+            self.isolate(sorted(self.broken), location)
+
+    def dispatch(self, pool, helpers: int) -> None:
+        """Keep each helper one item ahead; stop handing out items once anything fails."""
+        running = set()
+        index_of = {}
+        try:
+            while True:
+                while not self.stop.is_set() and len(running) < 2 * helpers:
+                    try:
+                        index = self.queue.popleft()
+                    except IndexError:
+                        break
+                    try:
+                        future = self.submit(pool, index)
+                    except BrokenProcessPool:  # a helper died before this item was handed out
+                        # Drawn alone in a fresh helper by isolate(), which also says so when
+                        # helpers cannot start at all (they die importing an unguarded script).
+                        self.broken.append(index)
+                        self.stop.set()
+                        break
+                    running.add(future)
+                    index_of[future] = index
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    error = future.exception()
+                    if isinstance(error, BrokenProcessPool):
+                        self.broken.append(index_of[future])
+                        self.stop.set()
+                    elif error is not None:
+                        self.failure = self.failure or error
+                        self.stop.set()
+                    else:
+                        self.finish(index_of[future], future.result())
+        except BaseException as error:  # noqa: BLE001 - raised again by run(), in the caller's thread
+            self.failure = self.failure or error
+            self.stop.set()
+
+    def isolate(self, indices, location: Location) -> None:
+        """Draw each item alone in a helper, so that a helper's death names the plot that caused it."""
+        pool = _pool(1, location)
+        try:
+            error = pool.submit(_worker_ready).exception()
+            if error is not None:
+                warnings.warn(f"drawing the rest of the report in this process: helper processes cannot start ({error})",
+                              RuntimeWarning, stacklevel=4)
+                for index in indices:
+                    self.here(index)
+                return
+            for index in indices:
+                try:
+                    self.finish(index, self.submit(pool, index).result())
+                except BrokenProcessPool as error:
+                    self.finish(index, ("", f"the process drawing this plot stopped ({error})"))
+                    pool.shutdown(wait=True)
+                    pool = _pool(1, location)
+        finally:
+            pool.shutdown(wait=True)
 
 
 def _top_pairs_rows(tree) -> dict:
@@ -208,10 +621,16 @@ def _top_pairs_rows(tree) -> dict:
 
 def findings(summary: dict, quote: Callable[[str], str] = str) -> list[str]:
     """Short observations per site from the statistics: the most focused and most spread heads,
-    the strongest sink, and the local/global ratio (seed 003's report lists such findings).
+    the strongest sink, and the local/global ratio with what "local" meant there (seed 003's
+    report lists such findings).
 
-    ``quote`` is applied to the site names (which come from the file), e.g.
-    :func:`attnformat.text.for_markdown` for a markdown page.
+    Parameters
+    ----------
+    summary : dict
+        The result of :func:`~attnformat.viewer.statistics_summary`.
+    quote : callable, default str
+        Applied to the texts that come from the file (site names, the locality description), e.g.
+        :func:`attnformat.text.for_markdown` for a markdown page.
 
     Examples
     --------
@@ -238,7 +657,11 @@ def findings(summary: dict, quote: Callable[[str], str] = str) -> list[str]:
                          f"(sink score {head['sink_score']:.3f})")
         ratios = [entry["local_global_ratio"] for entry in entries if entry.get("local_global_ratio") is not None]
         if ratios:
-            lines.append(f"{site}: local/global attention ratio per layer from {min(ratios):.2f} to {max(ratios):.2f}")
+            # What "local" meant (a distance threshold, patch adjacency, a token window) changes what
+            # the ratio says; statistics_summary states it per site.
+            meaning = ((summary.get("locality") or {}).get(name) or entries[0].get("locality") or {}).get("description")
+            lines.append(f"{site}: local/global attention ratio per layer from {min(ratios):.2f} to {max(ratios):.2f}"
+                         + (f" (local: {quote(meaning)})" if meaning else ""))
     return lines
 
 
@@ -298,20 +721,36 @@ def _write_html(path: Path, source: str, items, pairs) -> None:
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI, storage_options=None) -> Path:
+def report(source, out_dir, *, progress: bool | None = None, dpi: float = REPORT_DPI, workers: int | None = None,
+           storage_options=None) -> Path:
     """Render every plot a file supports into ``out_dir`` with ``index.html``, ``summary.md`` and ``stats.json``.
+
+    Plots are drawn by ``workers`` processes at once (this one included); the files written are
+    the same for any number of workers. Helper processes are forked by a fork server of the
+    report's own (started by the first report, kept for later ones; ``spawn`` where there is
+    none), so, as with any :mod:`multiprocessing` code, a script that calls ``report`` must do so
+    under ``if __name__ == "__main__":`` (each helper imports the script again); where helpers cannot
+    start, a warning says so and this process draws every plot. A plot the file cannot give (an
+    :class:`~attnformat.AttnFormatError`) is listed as not drawn with the reason; so is a plot
+    whose drawing process dies (it is tried once more on its own first).
 
     Parameters
     ----------
-    source
-        Path or tree.
-    out_dir
+    source : str, os.PathLike or xarray.DataTree
+        Path, URL or tree. A tree is drawn by this process alone, as it is (it may hold changes
+        that its file does not, or arrays that only this process can read): give the path to draw
+        on several processes.
+    out_dir : str or os.PathLike
         Directory to write into (created if needed).
-    progress
-        Show a progress bar (tqdm) on stderr.
-    dpi
+    progress : bool, optional
+        Show a progress bar (tqdm) on stderr: True always, False never, None (default) only when
+        stderr is a terminal.
+    dpi : float, default REPORT_DPI
         Resolution of the PNG files.
-    storage_options
+    workers : int, optional
+        How many processes draw, this one included; 1 draws everything here. By default
+        :func:`default_workers` (the CPUs this process may use), at most one per plot.
+    storage_options : dict, optional
         fsspec options for a URL, as for :func:`attnformat.open`.
 
     Returns
@@ -319,24 +758,53 @@ def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI, sto
     pathlib.Path
         The path of ``index.html``.
 
+    Raises
+    ------
+    attnformat.AttnFormatError
+        For a file that cannot be read or breaks the spec, or ``workers`` below 1.
+
     Examples
     --------
     >>> import attnformat, tempfile
     >>> from attnformat.viewer import report
-    >>> report(attnformat.example_path("frames"), tempfile.mkdtemp(), progress=False).name
+    >>> report(attnformat.example_path("frames"), tempfile.mkdtemp(), progress=False, workers=1).name
     'index.html'
     """
-    if storage_options is not None and not isinstance(source, xr.DataTree):
-        source = Location.of(source, storage_options)
-    tree = open_source(source)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    items = plan_report(tree)
-    for item in tqdm(items, desc="attnformat report", unit="plot", disable=not progress):
-        _render(item, out_dir, dpi)
-    summary = statistics_summary(tree)
+    if workers is None:
+        workers = default_workers()
+    elif isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise AttnFormatError(f"report: workers must be a whole number of processes, 1 or more, not {workers!r}")
+    # A tree the caller gave is drawn here, as it is (it may hold changes, or arrays tied to this
+    # process); a file is opened again by each helper and read into memory where small.
+    location = None if isinstance(source, xr.DataTree) else Location.of(source, storage_options)
+    helpers = int(workers) - 1 if location is not None else 0
+    pool = _pool(helpers, location) if helpers > 0 else None
+    try:
+        for _ in range(helpers):  # start them now: they open the file while this process validates
+            try:
+                pool.submit(_worker_ready)
+            except BrokenProcessPool:  # one died at once: drawing finds the pool broken and says why
+                break
+        tree = open_source(source if location is None else location)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        items = plan_report(tree)
+        computed = {}
+
+        def statistics() -> None:  # once, while the helpers draw; findings, stats.json and summary.md share it
+            if location is not None:
+                _preloaded(tree)
+            computed["summary"] = statistics_summary(tree)
+            computed["pairs"] = _top_pairs_rows(tree)
+
+        with tqdm(total=len(items), desc="attnformat report", unit="plot",
+                  disable=None if progress is None else not progress) as bar:
+            _Drawing(tree, items, out_dir, dpi, bar).run(pool, helpers, location, statistics)
+    finally:
+        if pool is not None:  # on an error before drawing; helpers still starting exit by themselves
+            pool.shutdown(wait=False)
+    summary, pairs = computed["summary"], computed["pairs"]
     (out_dir / "stats.json").write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
-    pairs = _top_pairs_rows(tree)
     name = source_of(tree)
     _write_markdown(out_dir / "summary.md", name, tree, items, summary, pairs)
     index = out_dir / "index.html"
@@ -344,4 +812,4 @@ def report(source, out_dir, *, progress: bool = True, dpi: int = REPORT_DPI, sto
     return index
 
 
-__all__ = ["ReportItem", "findings", "plan_report", "report", "safe_file_name"]
+__all__ = ["ReportItem", "default_workers", "findings", "plan_report", "report", "safe_file_name", "save_png"]

@@ -1,7 +1,8 @@
 """Attention rollout across layers (Abnar & Zuidema, 2020): how much each output token draws on each input token.
 
-For each layer the heads are averaged, the identity is added for the residual connection, rows are
-renormalised to sum to 1, and the layers' matrices are multiplied from the first layer up.
+For each layer the heads are averaged, the identity is added for the residual connection
+(``0.5 * A + 0.5 * I``), rows are renormalised to sum to 1, and the layers' matrices are multiplied
+from the first layer up: ``R = A_L ... A_2 A_1``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,37 @@ import numpy as np
 
 from attnformat.errors import SelectionError
 from attnformat.viewer.colors import color_scale
-from attnformat.viewer.heatmaps import draw_map
-from attnformat.viewer.output import axes_or_new
+from attnformat.viewer.docs import documented, register
+from attnformat.viewer.groups import draw_one_map
 from attnformat.viewer.selection import Selection, select
+
+register(
+    rollout_selectors="""
+        sample, step, time, node : int or str, optional
+            Which sample, training step, time step or node, when the site has them (the first by default).
+        head : int, str or {"mean", "max"}, default "mean"
+            Heads are averaged per layer (the paper's choice); ``"max"`` takes their maximum, an
+            integer or label rolls out one head.
+    """,
+    residual="""
+        residual : bool, default True
+            Add the identity for the residual connection (``0.5 * A + 0.5 * I``, renormalised);
+            without it the raw layer maps are multiplied.
+    """,
+)
 
 
 def rollout_matrices(layers: np.ndarray, *, residual: bool = True) -> np.ndarray:
     """Roll out a ``(layer, query, key)`` stack of head-averaged weights into one ``(query, key)`` matrix.
+
+    NaN (maps not captured) count as 0; a row that sums to 0 stays 0.
+
+    Parameters
+    ----------
+    layers : numpy.ndarray
+        ``(layer, query, key)`` weights, first layer first, with as many queries as keys.
+    residual : bool, default True
+        Add the identity before renormalising (the residual connection).
 
     Examples
     --------
@@ -29,6 +54,7 @@ def rollout_matrices(layers: np.ndarray, *, residual: bool = True) -> np.ndarray
     result = np.eye(size)
     for weights in layers:
         if residual:
+            # (A + I) renormalised is the paper's 0.5 * A + 0.5 * I when rows of A sum to 1.
             weights = weights + np.eye(size)
         totals = weights.sum(axis=-1, keepdims=True)
         weights = np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0)
@@ -36,9 +62,22 @@ def rollout_matrices(layers: np.ndarray, *, residual: bool = True) -> np.ndarray
     return result
 
 
+@documented
 def attention_rollout(source, *, site=None, sample=None, step=None, time=None, node=None, head="mean",
                       residual: bool = True) -> Selection:
     """Rollout of a self-attention site's weights over all its layers, as a :class:`Selection`.
+
+    Parameters
+    ----------
+    $source
+    $site
+    $rollout_selectors
+    $residual
+
+    Returns
+    -------
+    Selection
+        ``values`` is the ``(query, key)`` rollout; ``described["layer"]`` names the layers rolled out.
 
     Examples
     --------
@@ -52,6 +91,9 @@ def attention_rollout(source, *, site=None, sample=None, step=None, time=None, n
     if chosen.values.shape[-1] != chosen.values.shape[-2] or chosen.attrs.get("attention_type", "self") != "self":
         raise SelectionError(f"rollout needs self-attention with as many queries as keys; site {chosen.site} of "
                              f"{chosen.source} is {chosen.attrs.get('attention_type')} with {chosen.values.shape[-2:]} maps")
+    if chosen.attrs.get("normalized_dim", "key") != "key":
+        raise SelectionError(f"rollout needs weights normalised over keys; site {chosen.site} of {chosen.source} "
+                             f"normalises over {chosen.attrs.get('normalized_dim')}")
     stack = chosen.values if "layer" in chosen.dims else chosen.values[None]
     chosen.values = rollout_matrices(stack, residual=residual)
     chosen.dims = ("query", "key")
@@ -60,22 +102,50 @@ def attention_rollout(source, *, site=None, sample=None, step=None, time=None, n
     return chosen
 
 
+@documented
 def rollout_map(source, *, site=None, sample=None, step=None, time=None, node=None, head="mean", residual: bool = True,
-                cmap=None, log: bool = False, ax=None):
+                cmap=None, vmin=None, vmax=None, log: bool = False, origin="upper", colorbar: bool = True, ax=None,
+                figsize=None, title=None):
     """Heatmap of the attention rollout (rows: output tokens, columns: input tokens).
+
+    The colour scale is sequential from the smallest to the largest rolled-out value (rows sum to
+    1), or the given limits; the colorbar says whether the residual was added.
+
+    Parameters
+    ----------
+    $source
+    $site
+    $rollout_selectors
+    $residual
+    cmap : str or matplotlib.colors.Colormap, optional
+        Colormap (``viridis`` by default).
+    vmin, vmax : float, optional
+        Colour limits, used exactly when given; by default the smallest to the largest value.
+    log : bool, default False
+        Logarithmic colour scale (rolled-out attention spans decades).
+    $origin
+    $colorbar
+    $ax
+    $heatmap_figsize
+    $heatmap_title
+
+    Returns
+    -------
+    matplotlib.axes.Axes
 
     Examples
     --------
     >>> import attnformat
     >>> from attnformat.viewer import rollout_map
-    >>> rollout_map(attnformat.example_path("dense")).get_title()
-    'encoder/self | layer rollout 0..1 | head mean of 3 | weights (softmax) | rollout with residual'
+    >>> ax = rollout_map(attnformat.example_path("dense"))
+    >>> ax.get_title()
+    'encoder/self | layer rollout 0..1 | head mean of 3 | rolled-out attention (rollout with residual)'
     """
     chosen = attention_rollout(source, site=site, sample=sample, step=step, time=time, node=node, head=head, residual=residual)
-    cmap, norm = color_scale(chosen.values, cmap=cmap, log=log)
-    ax = axes_or_new(ax)
-    image = draw_map(ax, chosen.values, cmap=cmap, norm=norm, query_labels=chosen.query_labels, key_labels=chosen.key_labels,
-                     xlabel="input token (key)", ylabel="output token (query)",
-                     title=chosen.title() + (" | rollout with residual" if residual else " | rollout"))
-    ax.figure.colorbar(image, ax=ax, label="rolled-out attention")
-    return ax
+    cmap, norm = color_scale(chosen.values, cmap=cmap, vmin=vmin, vmax=vmax, log=log)
+    how = "rollout with residual" if residual else "rollout"
+    # The colorbar says what the colours are: the rolled-out attention, not one layer's weights.
+    chosen.variable = f"rolled-out attention ({how})"
+    return draw_one_map(chosen, cmap=cmap, norm=norm, origin=origin, xlabel="input token (key)",
+                        ylabel="output token (query)", title=chosen.title() if title is None else title,
+                        colorbar=colorbar, ax=ax, figsize=figsize)

@@ -3,24 +3,47 @@
 Everything here works on lazy trees: selectors become integer positions first, the chosen slice
 is read with one ``.values`` call, and only then are heads, layers or samples averaged. Nothing in
 this module draws, so every plot's data can be tested without a figure.
+
+One plot of a path takes a direct road when it can. Measured with ``python -X importtime``,
+opening a tree costs ~0.8 s of imports (xarray and pandas) before anything is read, and checking
+the file against the spec's metadata rules (:func:`attnformat.validate` without value checks, as
+:func:`open_source` does) needs that tree: a fresh process plotting one small map spent more than
+twice as long as a script loading the map from a ``.npy``. So, decided: :func:`select` given a path
+first asks the file's engine for a direct reader (:func:`attnformat.engines.direct.open_direct`:
+the screened consolidated metadata and checked chunk reads, no xarray, no zarr-python) and uses
+it when
+
+- the file is *sealed* (every array has a chunk manifest, so its root metadata document pins the
+  CRC-32C of every chunk it stores; files attnformat wrote since format 1.1 are), and
+- this version of the file (the SHA-256 of that root document) has passed the metadata rules
+  before, in this or an earlier process, under the same validator code. Verdicts are remembered
+  as empty files named by a hash in :func:`attnformat.verdicts.verdict_directory` (like matplotlib's font cache); a
+  file that was rewritten, a validator that changed, or a file never validated take the general
+  road, which validates (and remembers a passing verdict).
+
+The direct road screens the whole store as :func:`attnformat.open` does, and checks every chunk it
+reads as every road does (links refused, chunk manifest, CRC-32C, size bounds); what it draws is
+the same, value for value, label for label (tests check both roads against the arrays read with
+zarr). Anything unusual (a URL, a zip, HDF5, an unsealed file, a layout the direct reader does
+not know, a selector that names nothing, damage) takes the general road, so errors and messages
+are the general road's own. Set ``ATTNFORMAT_CACHE_DIR=none`` to validate before every plot.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import xarray as xr
 
 from attnformat import resolving
-from attnformat.conventions import LABEL_COORDS, MASK_COORDS, is_site
+from attnformat.conventions import ATTENTION_VARIABLES, LABEL_COORDS, MASK_COORDS, ROOT_COMPLETENESS, is_site
 from attnformat.engines import Location
 from attnformat.errors import AttnFormatError, NonConformingError, SelectionError, UnreadableFileError
-from attnformat.reading import get_site, open as open_tree, site_paths, source_of
-from attnformat.validation import validate
+from attnformat.verdicts import known_conforming, remember_conforming, version_of
 
 #: Dimensions a selector can fix or reduce (the leading dimensions of the spec).
 SELECTABLE_DIMS = ("step", "sample", "layer", "head", "time", "node")
@@ -30,9 +53,17 @@ REDUCTIONS = ("mean", "max")
 DISPLAY_SIZE = 1024
 #: Slices to reduce that are larger than this many elements are read one map at a time.
 _STREAM_ELEMENTS = 1 << 25
+#: Site attributes that bound a temporal window (the spec's example, and the seeds' argument name).
+WINDOW_ATTRS = ("max_temporal_distance", "max_distance")
 
 
-def open_source(source, storage_options=None) -> xr.DataTree:
+def _is_tree(source) -> bool:
+    # xarray is imported only by roads that build trees: an object cannot be a DataTree unless it is.
+    xarray = sys.modules.get("xarray")
+    return xarray is not None and isinstance(source, xarray.DataTree)
+
+
+def open_source(source, storage_options=None):
     """Return a tree for a path or a tree; a path is checked against the spec's metadata rules first.
 
     Parameters
@@ -54,10 +85,14 @@ def open_source(source, storage_options=None) -> xr.DataTree:
     >>> list(open_source(attnformat.example_path("dense")).children)
     ['encoder']
     """
-    if isinstance(source, xr.DataTree):
+    if _is_tree(source):
         return source
     if isinstance(source, (str, os.PathLike, Location)):
+        from attnformat.reading import open as open_tree
+        from attnformat.validation import validate
+
         source = Location.of(source, storage_options)
+        version = version_of(source)  # before opening: the verdict must be about what was validated
         try:
             tree = open_tree(source)
         except UnreadableFileError:  # a missing path raises again below; a broken store gets a report
@@ -66,11 +101,13 @@ def open_source(source, storage_options=None) -> xr.DataTree:
         report = validate(source if tree is None else tree, check_values=False)
         if not report.ok:
             raise NonConformingError(report.format(), report)
+        if version is not None and tree is not None and version_of(source) == version:
+            remember_conforming(version)
         return tree
     raise TypeError(f"expected a path or an xarray.DataTree, not {type(source).__name__}")
 
 
-def resolve_site(source, site: str | None = None, storage_options=None) -> xr.DataTree:
+def resolve_site(source, site: str | None = None, storage_options=None):
     """The site group a plot reads: ``source`` itself when it is a site, else the named (or only) site.
 
     Parameters
@@ -89,9 +126,10 @@ def resolve_site(source, site: str | None = None, storage_options=None) -> xr.Da
     >>> resolve_site(attnformat.example_path("encoder-decoder"), "decoder/cross").path
     '/decoder/cross'
     """
-    if storage_options is not None and not isinstance(source, xr.DataTree):
-        # A Location carries the options through open_source's opening and validation.
+    from attnformat.reading import get_site
 
+    if storage_options is not None and not _is_tree(source):
+        # A Location carries the options through open_source's opening and validation.
         source = Location.of(source, storage_options)
     tree = open_source(source)
     if site is None and is_site(tree.attrs):
@@ -101,7 +139,7 @@ def resolve_site(source, site: str | None = None, storage_options=None) -> xr.Da
     return get_site(tree.root if is_site(tree.attrs) else tree, site)
 
 
-def site_name(site: xr.DataTree) -> str:
+def site_name(site) -> str:
     """A site's path without the leading slash, as messages and titles show it.
 
     Examples
@@ -110,10 +148,153 @@ def site_name(site: xr.DataTree) -> str:
     >>> site_name(resolve_site(attnformat.example_path("steps")))
     'trunk/iga'
     """
+    if isinstance(site, _SiteView):
+        return site.name
     return site.path.strip("/")
 
 
-def labels_of(site: xr.DataTree, dim: str, sample: int | None = None) -> list[str]:
+# -- sites, from a tree or read directly ------------------------------------------------------------
+
+
+class _SiteView:
+    """What :func:`select` and its helpers need of a site: its names, sizes and coordinates, and
+    reads of one slice of a variable. Two kinds: a tree's site group, or a site read directly."""
+
+    name: str
+    source: str
+    attrs: dict
+    sizes: dict
+    data_vars: list
+    coords: list
+
+    def dims(self, name: str) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def values(self, name: str) -> np.ndarray:
+        """A coordinate's values."""
+        raise NotImplementedError
+
+    def read(self, variable: str, positions: dict) -> np.ndarray:
+        """``variable`` with the dimensions in ``positions`` fixed (integers), the others whole."""
+        raise NotImplementedError
+
+    def dtype(self, variable: str) -> np.dtype:
+        raise NotImplementedError
+
+
+class _TreeSite(_SiteView):
+    def __init__(self, node):
+        from attnformat.reading import source_of
+
+        self.node = node
+        self.name = node.path.strip("/")
+        self.source = source_of(node)
+        self.attrs = node.attrs
+        self.sizes = dict(node.sizes)
+        self.data_vars = list(node.data_vars)
+        self.coords = node.coords
+
+    def dims(self, name):
+        return tuple(self.node.coords[name].dims if name in self.node.coords else self.node[name].dims)
+
+    def values(self, name):
+        return self.node.coords[name].values
+
+    def read(self, variable, positions):
+        return np.asarray(self.node[variable].isel(positions).values)
+
+    def dtype(self, variable):
+        return self.node[variable].dtype
+
+
+class _NotDirect(Exception):
+    """The direct reader cannot show this site exactly as the tree would: take the general road."""
+
+
+class _DirectSite(_SiteView):
+    """A site of a file read directly (:func:`attnformat.engines.direct.open_direct`), with the
+    names, attributes and coordinates the tree road would give it."""
+
+    def __init__(self, store, path: str):
+        self.store = store
+        self.name = path
+        self.source = store.text
+        attrs = dict(store.groups[path])
+        coordinate_names = set(str(attrs.pop("coordinates", "")).split())
+        arrays = {}
+        for member in store.members(path):
+            array = store.array(f"{path}/{member}")
+            if array is None:
+                raise _NotDirect(member)
+            arrays[member] = array
+            coordinate_names.update(array.coordinate_names)
+        coordinate_names.update(name for name, array in arrays.items() if array.dims == (name,))
+        sizes = {}
+        for array in arrays.values():
+            for dim, size in zip(array.dims, array.shape):
+                if sizes.setdefault(dim, size) != size:
+                    raise _NotDirect(dim)  # the tree road refuses it [ATTN-STORE-002]
+        ancestors = ["", *("/".join(path.split("/")[:depth]) for depth in range(1, path.count("/") + 1))]
+        if any(store.members(ancestor) for ancestor in ancestors):
+            raise _NotDirect(path)  # coordinates inherited from a parent group: the tree knows how
+        self.arrays = arrays
+        self.attrs = attrs
+        self.sizes = sizes
+        self.coords = [name for name in arrays if name in coordinate_names]
+        self.data_vars = [name for name in arrays if name not in coordinate_names]
+        self._complete = store.groups[""].get(ROOT_COMPLETENESS) == "complete"
+        self._values = {}
+
+    def dims(self, name):
+        return self.arrays[name].dims
+
+    def values(self, name):
+        if name not in self._values:
+            self._values[name] = self.store.read(self.arrays[name])
+        return self._values[name]
+
+    def read(self, variable, positions):
+        array = self.arrays[variable]
+        selection = tuple(positions.get(dim, slice(None)) for dim in array.dims)
+        # In a file that says it is complete, a missing chunk of an attention variable is damage.
+        required = self._complete and variable in ATTENTION_VARIABLES
+        return self.store.read(array, selection, chunks_required=required)
+
+    def dtype(self, variable):
+        return self.arrays[variable].dtype.newbyteorder("=")
+
+
+def _view(site) -> _SiteView:
+    return site if isinstance(site, _SiteView) else _TreeSite(site)
+
+
+def _direct_site(source, site: str | None) -> _DirectSite | None:
+    """The site read directly, when the direct road applies (see the module docstring), else None."""
+    if _is_tree(source) or not isinstance(source, (str, os.PathLike, Location)):
+        return None
+    from attnformat.engines.direct import open_direct
+
+    store = open_direct(source)
+    if store is None or not store.sealed or not known_conforming(store.version):
+        return None
+    sites = [path for path, attrs in store.groups.items() if path and is_site(attrs)]
+    if site is None:
+        if len(sites) != 1:
+            return None
+        site = sites[0]
+    site = str(site).strip("/")
+    if site not in sites:
+        return None
+    try:
+        return _DirectSite(store, site)
+    except _NotDirect:
+        return None
+
+
+# -- labels and positions -------------------------------------------------------------------------------
+
+
+def labels_of(site, dim: str, sample: int | None = None) -> list[str]:
     """Display labels along ``query``, ``key`` or ``node``: the label coordinate, else positions.
 
     Examples
@@ -123,18 +304,19 @@ def labels_of(site: xr.DataTree, dim: str, sample: int | None = None) -> list[st
     >>> labels_of(resolve_site(attnformat.example_path("dense")), "query")[:3]
     ['[CLS]', 'the', 'cat']
     """
+    view = _view(site)
     name = LABEL_COORDS.get(dim)
-    if name and name in site.coords:
-        labels = site.coords[name]
-        if "sample" in labels.dims:
-            labels = labels.isel(sample=sample or 0)
-        return [str(v) for v in labels.values]
-    if dim in site.coords:
-        return [str(v) for v in site.coords[dim].values]
-    return [str(i) for i in range(site.sizes[dim])]
+    if name and name in view.coords:
+        labels = view.values(name)
+        if "sample" in view.dims(name):
+            labels = np.take(labels, sample or 0, axis=view.dims(name).index("sample"))
+        return [str(v) for v in labels]
+    if dim in view.coords:
+        return [str(v) for v in view.values(dim)]
+    return [str(i) for i in range(view.sizes[dim])]
 
 
-def position(site: xr.DataTree, dim: str, value, *, sample: int | None = None) -> int:
+def position(site, dim: str, value, *, sample: int | None = None) -> int:
     """Integer position of a selector along ``dim``.
 
     Integers match the dimension's coordinate values when it has some (``layer=3`` is the layer
@@ -154,14 +336,15 @@ def position(site: xr.DataTree, dim: str, value, *, sample: int | None = None) -
     >>> position(site, "query", "cat"), position(site, "layer", 1)
     (2, 1)
     """
-    if dim not in site.sizes:
+    view = _view(site)
+    if dim not in view.sizes:
         raise SelectionError(
-            f"{dim} {value!r} not in file {source_of(site)}, site {site_name(site)}: it has no {dim} dimension; "
-            f"dimensions: {', '.join(site.sizes)}")
+            f"{dim} {value!r} not in file {view.source}, site {view.name}: it has no {dim} dimension; "
+            f"dimensions: {', '.join(view.sizes)}")
     label_name = LABEL_COORDS.get(dim)
-    labels = labels_of(site, dim, sample) if label_name and label_name in site.coords else None
-    return resolving.position(dim, value, size=site.sizes[dim], index=site.coords[dim].values if dim in site.coords else None,
-                              labels=labels, where=f"file {source_of(site)}, site {site_name(site)}")
+    labels = labels_of(view, dim, sample) if label_name and label_name in view.coords else None
+    return resolving.position(dim, value, size=view.sizes[dim], index=view.values(dim) if dim in view.coords else None,
+                              labels=labels, where=f"file {view.source}, site {view.name}")
 
 
 def _reduce(values: np.ndarray, axes: tuple[int, ...], how: str) -> np.ndarray:
@@ -179,7 +362,9 @@ class Selection:
 
     ``values`` has the dimensions in ``dims``: the kept ones (e.g. ``head`` for a grid) followed by
     ``query, key`` (dense, or densified edges) or ``edge``. ``described`` maps every selectable
-    dimension to what was chosen (``"0"``, ``"mean of 12"``).
+    dimension to what was chosen (``"0"``, ``"mean of 12"``). ``missing_note`` says what NaN cells
+    mean when it is not "not captured": for densified edges, pairs that are no edge
+    (``"absent: not an edge"``, with the temporal window when the site states one).
     """
 
     values: np.ndarray
@@ -197,6 +382,7 @@ class Selection:
     kept: dict = field(default_factory=dict)
     pooled: int = 1
     pool: str = ""
+    missing_note: str | None = None
 
     @property
     def normalization(self) -> str:
@@ -228,6 +414,9 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
            densify: bool = True, **selectors) -> Selection:
     """Select (and reduce) the values of one attention variable, reading only the chosen slice.
 
+    A path is read directly, without building a tree, when the file allows it (see the module
+    docstring); the result is the same either way.
+
     Parameters
     ----------
     source
@@ -242,7 +431,7 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
         Leave out tokens whose ``query_mask``/``key_mask`` is False (when one sample is selected).
     densify
         Turn edge-layout values into a ``(query, key)`` matrix (target rows, source columns);
-        missing edges are 0 for weights and NaN otherwise.
+        pairs that are no edge are NaN (absent, never a real 0) and ``missing_note`` says so.
     **selectors
         ``layer``, ``head``, ``sample``, ``step``, ``time``, ``node``: a label, an index, or
         ``"mean"``/``"max"`` to reduce. Unset, ``head`` is averaged and the others take their first
@@ -256,19 +445,29 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
     >>> chosen.values.shape, chosen.describe()
     ((6, 6), 'layer 1 | head 2')
     """
-    site_node = resolve_site(source, site)
-    name = site_name(site_node)
-    if variable not in site_node.data_vars:
-        raise SelectionError(f"variable {variable!r} not in file {source_of(site_node)}, site {name}; "
-                             f"variables: {', '.join(site_node.data_vars)}")
-    array = site_node[variable]
-    leading = [d for d in array.dims if d in SELECTABLE_DIMS]
+    options = dict(variable=variable, keep=keep, drop_padding=drop_padding, densify=densify, selectors=selectors)
+    direct = _direct_site(source, site)
+    if direct is not None:
+        try:
+            return _select(direct, **options)
+        except AttnFormatError:
+            pass  # a selector naming nothing, or damage: the general road says it in its own words
+    return _select(_TreeSite(resolve_site(source, site)), **options)
+
+
+def _select(view: _SiteView, *, variable: str, keep, drop_padding: bool, densify: bool, selectors: dict) -> Selection:
+    name = view.name
+    if variable not in view.data_vars:
+        raise SelectionError(f"variable {variable!r} not in file {view.source}, site {name}; "
+                             f"variables: {', '.join(view.data_vars)}")
+    array_dims = view.dims(variable)
+    leading = [d for d in array_dims if d in SELECTABLE_DIMS]
     for dim, value in selectors.items():
         if dim not in SELECTABLE_DIMS:
             raise TypeError(f"unknown selector {dim!r}; selectors: {', '.join(SELECTABLE_DIMS)}")
         if value is not None and dim not in leading:
-            raise SelectionError(f"{dim} {value} not in file {source_of(site_node)}, site {name}: "
-                                 f"{variable} has no {dim} dimension; its dimensions: {', '.join(array.dims)}")
+            raise SelectionError(f"{dim} {value} not in file {view.source}, site {name}: "
+                                 f"{variable} has no {dim} dimension; its dimensions: {', '.join(array_dims)}")
     fixed, reductions, described = {}, {}, {}
     # The sample comes first: per-sample labels and masks depend on it.
     ordered = sorted(leading, key=lambda d: d != "sample")
@@ -278,64 +477,67 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
             described[dim] = "all"
             continue
         if value is None:
-            value = "mean" if dim == "head" else 0 if dim not in site_node.coords else site_node.coords[dim].values[0]
+            value = "mean" if dim == "head" else 0 if dim not in view.coords else view.values(dim)[0]
         if isinstance(value, str) and value in REDUCTIONS:
             reductions[dim] = value
-            described[dim] = f"{value} of {site_node.sizes[dim]}"
+            described[dim] = f"{value} of {view.sizes[dim]}"
         else:
-            fixed[dim] = position(site_node, dim, value, sample=fixed.get("sample"))
-            described[dim] = labels_of(site_node, dim, fixed.get("sample"))[fixed[dim]]
+            fixed[dim] = position(view, dim, value, sample=fixed.get("sample"))
+            described[dim] = labels_of(view, dim, fixed.get("sample"))[fixed[dim]]
     described = {dim: described[dim] for dim in leading}
-    subset = array.isel(fixed)
-    values, dims = _read_reduced(subset, reductions)
+    values, dims = _read_reduced(view, variable, fixed, reductions)
     sample = fixed.get("sample")
-    chosen = Selection(values=values, dims=dims, variable=variable, site=name, source=source_of(site_node),
-                       attrs=dict(site_node.attrs), described=described, positions=fixed,
-                       kept={d: labels_of(site_node, d, sample) for d in keep if d in dims})
+    chosen = Selection(values=values, dims=dims, variable=variable, site=name, source=view.source,
+                       attrs=dict(view.attrs), described=described, positions=fixed,
+                       kept={d: labels_of(view, d, sample) for d in keep if d in dims})
     if "edge" in dims and densify:
-        _densify(chosen, site_node)
+        _densify(chosen, view)
     elif "query" in dims:
-        chosen.query_labels = labels_of(site_node, "query", sample)
-        chosen.key_labels = labels_of(site_node, "key", sample)
+        chosen.query_labels = labels_of(view, "query", sample)
+        chosen.key_labels = labels_of(view, "key", sample)
         chosen.query_index = np.arange(len(chosen.query_labels))
         chosen.key_index = np.arange(len(chosen.key_labels))
-        if drop_padding and ("sample" in fixed or "sample" not in site_node.sizes):
-            _drop_padding(chosen, site_node, sample)
+        if drop_padding and ("sample" in fixed or "sample" not in view.sizes):
+            _drop_padding(chosen, view, sample)
     return chosen
 
 
-def _read_reduced(subset: xr.DataArray, reductions: dict) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Read a lazy slice and apply the reductions; large slices are read one map at a time."""
-    reduced = [d for d in subset.dims if d in reductions]
-    dims = tuple(d for d in subset.dims if d not in reductions)
-    if not reduced or subset.size <= _STREAM_ELEMENTS or len({reductions[d] for d in reduced}) > 1:
-        values = np.asarray(subset.values)
+def _read_reduced(view: _SiteView, variable: str, fixed: dict, reductions: dict) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Read a slice and apply the reductions; large slices are read one map at a time."""
+    subset_dims = [d for d in view.dims(variable) if d not in fixed]
+    reduced = [d for d in subset_dims if d in reductions]
+    dims = tuple(d for d in subset_dims if d not in reductions)
+    size = math.prod(view.sizes[d] for d in subset_dims)
+    if not reduced or size <= _STREAM_ELEMENTS or len({reductions[d] for d in reduced}) > 1:
+        values = view.read(variable, fixed)
+        remaining = list(subset_dims)
         for how in REDUCTIONS:
-            axes = tuple(subset.dims.index(d) for d in reduced if reductions[d] == how)
+            axes = tuple(remaining.index(d) for d in reduced if reductions[d] == how)
             if axes:
                 values = _reduce(values, axes, how)
-                subset = subset.isel({d: 0 for d in reduced if reductions[d] == how}, drop=True)
+                remaining = [d for d in remaining if not (d in reductions and reductions[d] == how)]
         return values, dims
     # Averaging 12 heads of a 4096^2 map should not hold all 12 in memory: accumulate map by map.
+    dtype = view.dtype(variable)
     total = count = peak = None
-    for index in np.ndindex(*(subset.sizes[d] for d in reduced)):
-        one = np.asarray(subset.isel(dict(zip(reduced, index))).values, dtype=np.float64)
+    for index in np.ndindex(*(view.sizes[d] for d in reduced)):
+        one = np.asarray(view.read(variable, {**fixed, **dict(zip(reduced, index))}), dtype=np.float64)
         finite = ~np.isnan(one)
         total = np.where(finite, one, 0.0) + (0.0 if total is None else total)
         count = finite.astype(np.int64) + (0 if count is None else count)
         peak = one if peak is None else np.fmax(peak, one)
     if reductions[reduced[0]] == "max":
-        return peak.astype(subset.dtype, copy=False), dims
+        return peak.astype(dtype, copy=False), dims
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return mean.astype(np.float32 if subset.dtype == np.float32 else np.float64), dims
+    return mean.astype(np.float32 if dtype == np.float32 else np.float64), dims
 
 
-def _node_dim(site: xr.DataTree) -> str:
-    return site.attrs.get("edge_node_dim", "node")
+def _node_dim(site) -> str:
+    return _view(site).attrs.get("edge_node_dim", "node")
 
 
-def node_labels(site: xr.DataTree) -> list[str]:
+def node_labels(site) -> list[str]:
     """Labels of the nodes an edge site's ``source``/``target`` index (``node`` or ``time`` steps).
 
     Examples
@@ -344,19 +546,25 @@ def node_labels(site: xr.DataTree) -> list[str]:
     >>> node_labels(resolve_site(attnformat.example_path("edge-time"), "temporal"))
     ['0', '1', '2', '3']
     """
-    node_dim = _node_dim(site)
-    if node_dim in site.sizes:
-        return labels_of(site, node_dim)
-    count = int(max(site.coords["source"].values.max(), site.coords["target"].values.max())) + 1
+    view = _view(site)
+    node_dim = _node_dim(view)
+    if node_dim in view.sizes:
+        return labels_of(view, node_dim)
+    count = int(max(view.values("source").max(), view.values("target").max())) + 1
     return [str(i) for i in range(count)]
 
 
-def densify_edges(values: np.ndarray, source: np.ndarray, target: np.ndarray, nodes: int, *, fill: float = 0.0) -> np.ndarray:
-    """Edge values ``(..., edge)`` as ``(..., target, source)`` matrices; absent edges get ``fill``.
+def densify_edges(values: np.ndarray, source: np.ndarray, target: np.ndarray, nodes: int, *, fill: float = np.nan) -> np.ndarray:
+    """Edge values ``(..., edge)`` as ``(..., target, source)`` matrices; pairs that are no edge get ``fill``.
+
+    The default fill is NaN: a pair that is not an edge has no attention value at all, which a
+    plot must not draw like a real 0 (outside a temporal window, say); statistics skip it.
 
     Examples
     --------
     >>> densify_edges(np.array([0.25, 0.75]), np.array([0, 1]), np.array([1, 1]), 2).tolist()
+    [[nan, nan], [0.25, 0.75]]
+    >>> densify_edges(np.array([0.25, 0.75]), np.array([0, 1]), np.array([1, 1]), 2, fill=0.0).tolist()
     [[0.0, 0.0], [0.25, 0.75]]
     """
     dense = np.full(values.shape[:-1] + (nodes, nodes), fill, dtype=np.result_type(values.dtype, np.float32))
@@ -364,16 +572,34 @@ def densify_edges(values: np.ndarray, source: np.ndarray, target: np.ndarray, no
     return dense
 
 
-def _densify(chosen: Selection, site: xr.DataTree) -> None:
-    labels = node_labels(site)
-    fill = 0.0 if chosen.variable == "weights" else np.nan
-    chosen.values = densify_edges(chosen.values, site.coords["source"].values, site.coords["target"].values, len(labels), fill=fill)
+def absent_note(attrs) -> str:
+    """What a densified edge map's NaN cells mean, from the site's attributes.
+
+    Examples
+    --------
+    >>> absent_note({"max_temporal_distance": 2})
+    'absent: not an edge (outside the temporal window, max_temporal_distance=2)'
+    >>> absent_note({"max_temporal_distance": -1}), absent_note({})
+    ('absent: not an edge', 'absent: not an edge')
+    """
+    for name in WINDOW_ATTRS:
+        value = attrs.get(name)
+        # A negative or missing bound means no window (the example writes -1).
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and value >= 0:
+            return f"absent: not an edge (outside the temporal window, {name}={value:g})"
+    return "absent: not an edge"
+
+
+def _densify(chosen: Selection, view: _SiteView) -> None:
+    labels = node_labels(view)
+    chosen.values = densify_edges(chosen.values, view.values("source"), view.values("target"), len(labels))
     chosen.dims = chosen.dims[:-1] + ("query", "key")
     chosen.query_labels = chosen.key_labels = labels
     chosen.query_index = chosen.key_index = np.arange(len(labels))
+    chosen.missing_note = absent_note(chosen.attrs)
 
 
-def real_tokens(site: xr.DataTree, dim: str, sample: int | None) -> np.ndarray | None:
+def real_tokens(site, dim: str, sample: int | None) -> np.ndarray | None:
     """Which tokens along ``query`` or ``key`` are real (not padding), or None when all are.
 
     Examples
@@ -383,19 +609,20 @@ def real_tokens(site: xr.DataTree, dim: str, sample: int | None) -> np.ndarray |
     >>> real_tokens(site, "key", 1).tolist(), real_tokens(site, "key", 0)
     ([True, True, True, False, False], None)
     """
+    view = _view(site)
     name = MASK_COORDS[dim]
-    if name not in site.coords:
+    if name not in view.coords:
         return None
-    mask = site.coords[name]
-    if "sample" in mask.dims:
-        mask = mask.isel(sample=sample or 0)
-    keep = np.asarray(mask.values, dtype=bool)
+    mask = view.values(name)
+    if "sample" in view.dims(name):
+        mask = np.take(mask, sample or 0, axis=view.dims(name).index("sample"))
+    keep = np.asarray(mask, dtype=bool)
     return None if keep.all() else keep
 
 
-def _drop_padding(chosen: Selection, site: xr.DataTree, sample: int | None) -> None:
+def _drop_padding(chosen: Selection, view: _SiteView, sample: int | None) -> None:
     for dim, axis in (("query", -2), ("key", -1)):
-        keep = real_tokens(site, dim, sample)
+        keep = real_tokens(view, dim, sample)
         if keep is None:
             continue
         chosen.values = np.compress(keep, chosen.values, axis=axis)
@@ -449,7 +676,7 @@ def pool_for_display(chosen: Selection, max_size: int = DISPLAY_SIZE, how: str =
     return chosen
 
 
-def sites_of(source) -> list[xr.DataTree]:
+def sites_of(source) -> list:
     """Every site of a file, in tree order.
 
     Examples
@@ -459,6 +686,8 @@ def sites_of(source) -> list[xr.DataTree]:
     >>> [s.path for s in sites_of(attnformat.example_path("encoder-decoder"))]
     ['/decoder/cross', '/decoder/self', '/encoder/self']
     """
+    from attnformat.reading import site_paths
+
     tree = open_source(source)
     root = tree.root if is_site(tree.attrs) else tree
     return [root[path] for path in site_paths(root)]

@@ -14,9 +14,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import xarray as xr
+if TYPE_CHECKING:  # only annotations use xarray: importing an engine must not cost xarray's import
+    import xarray as xr
 
 from attnformat.errors import MissingDependencyError, UnreadableFileError, UnsupportedFormatError
 

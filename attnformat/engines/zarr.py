@@ -60,6 +60,13 @@ class _LazyZarrArray(BackendArray):
         self._checked = zarr_sync.supports(array.metadata)
         self._chunks_required = chunks_required
 
+    def __reduce__(self):
+        # The store reads through a directory pinned by a file descriptor of this process (see
+        # placement.pin_directory): in another process that path names something else, or nothing.
+        raise AttnFormatError(
+            f"{self.array.path}: a lazily opened attention array cannot be sent to another process; "
+            "pass the file's path and open it there (or load the values first)")
+
     def __getitem__(self, key):
         return indexing.explicit_indexing_adapter(
             key, self.shape, indexing.IndexingSupport.OUTER, self._read

@@ -2,25 +2,21 @@
 
 Why this exists: :func:`attnformat.read_map` of one head should cost about one chunk decode, not
 the building of a whole DataTree. For a local Zarr v3 directory with consolidated metadata (what
-attnformat writes) the metadata document is parsed once per distinct text, screened like every
-other road (:func:`attnformat.engines.zarr_screen.screen_document`), and the chunks are decoded in
-the caller's thread by :mod:`attnformat.engines.zarr_sync`. Anything else (zip, Zarr v2, URLs, no
-consolidated metadata, CF-encoded variables, codecs without a synchronous decoder) answers None
-and the caller opens the tree; the result is the same either way (a test checks it).
+attnformat writes) the root metadata document is read, bounded and screened
+(:func:`attnformat.engines.zarr_screen.screen_document`), and the chunks are read and checked by
+:mod:`attnformat.engines.zarr_direct` (links refused, chunk manifest, CRC-32C, decoded sizes),
+with numpy and numcodecs only: a script that reads one map never imports zarr-python (0.6-0.7 s
+here). Anything else (zip, Zarr v2, URLs, no consolidated metadata, CF-encoded variables, codecs
+or layouts :mod:`~attnformat.engines.zarr_direct` does not read) answers None and the caller opens
+the tree; the result is the same either way (tests check it).
 """
 
 from __future__ import annotations
-
-import json
-import os
-from functools import lru_cache
-from pathlib import Path
 
 import xarray as xr
 
 from attnformat.conventions import ATTENTION_VARIABLES, LABEL_COORDS, ROOT_COMPLETENESS, is_site
 from attnformat.engines.common import Location
-from attnformat.engines.placement import pin_directory
 from attnformat.errors import SelectionError
 from attnformat.resolving import position
 
@@ -35,131 +31,67 @@ def read_map(location: Location, site: str | None, variable: str, selection: dic
     >>> read_map(Location.of(attnformat.example_path("dense")), "encoder/self", "weights", {"layer": 0, "head": 0}).shape
     (6, 6)
     """
+    from attnformat.engines.zarr_direct import open_directory
+
     if location.is_url or not location.path.is_dir():
         return None
-    # Metadata and chunks are read through a pinned directory: a writer replacing the store
-    # meanwhile (an atomic exchange) leaves this read seeing the old version whole.
-    descriptor, pinned = pin_directory(location.path)
-    try:
-        return _read_map(location, Path(pinned), site, variable, selection)
-    finally:
-        os.close(descriptor)
-
-
-def _read_map(location: Location, path: Path, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
-    from zarr.storage import LocalStore, StorePath
-
-    from attnformat.engines import zarr_sync
-    from attnformat.engines.zarr import CF_ENCODING_ATTRS
-
-    nodes = _consolidated_metadata(path, str(location))
-    if nodes is None:
+    # The store is read through a pinned directory: a writer replacing it meanwhile (an atomic
+    # exchange) leaves this read seeing the old version whole.
+    store = open_directory(location, screen=False)
+    if store is None:
         return None  # the general road explains what is wrong
-    sites = sorted(name for name, node in nodes.items() if node["kind"] == "group" and is_site(node["attrs"]))
+    return _read_map(store, str(location), site, variable, selection)
+
+
+def _read_map(store, where_file: str, site: str | None, variable: str, selection: dict) -> xr.DataArray | None:
+    groups = store.groups
+    sites = sorted(name for name, attrs in groups.items() if name and is_site(attrs))
     if site is None:
         if len(sites) != 1:
             return None  # let the general road explain
         site = sites[0]
     site = site.strip("/")
-    target = nodes.get(f"{site}/{variable}")
-    if site not in sites or target is None or target["kind"] != "array" or not target.get("dims"):
+    target = store.nodes.get(f"{site}/{variable}")
+    if site not in sites or target is None or target["node_type"] != "array" or not target["document"].get("dimension_names"):
         return None
-    arrays = {name.rpartition("/")[2]: node for name, node in nodes.items() if node["kind"] == "array" and name.rpartition("/")[0] == site}
-    if any(key in node["attrs"] for node in arrays.values() for key in CF_ENCODING_ATTRS):
+    arrays = {name: store.array(f"{site}/{name}") for name in store.members(site)}
+    target_array = arrays[variable]
+    if target_array is None:
         return None
 
-    where = f"file {location}, site {site}"
-    dims = tuple(target["dims"])
+    where = f"file {where_file}, site {site}"
+    dims = target_array.dims
     unknown = [dim for dim in selection if dim not in dims]
     if unknown:
         raise SelectionError(f"{where}: {variable} has no dimension {unknown[0]!r}; dimensions: {', '.join(dims)}")
-    coordinate_names = set(str(target["attrs"].get("coordinates", "")).split()) | set(str(nodes[site]["attrs"].get("coordinates", "")).split())
-    index_names = [dim for dim in dims if dim in arrays and tuple(arrays[dim]["dims"] or ()) == (dim,)]
-    other_names = [name for name in coordinate_names if name in arrays and name not in index_names and set(arrays[name]["dims"] or ()) <= set(dims)]
+    coordinate_names = set(target_array.coordinate_names) | set(str(groups[site].get("coordinates", "")).split())
+    index_names = [dim for dim in dims if arrays.get(dim) is not None and arrays[dim].dims == (dim,)]
+    other_names = [name for name in coordinate_names
+                   if arrays.get(name) is not None and name not in index_names and set(arrays[name].dims) <= set(dims)]
+    if any(arrays.get(name) is None for name in coordinate_names | set(dims) if name in arrays):
+        return None  # a coordinate in a layout only the general readers know
 
-    complete = nodes[""]["attrs"].get(ROOT_COMPLETENESS) == "complete"
-    store = LocalStore(path, read_only=True)
-    opened = {}
-    for name in [variable, *index_names, *other_names]:
-        metadata = _array_metadata(arrays[name])
-        store_path = StorePath(store, f"{site}/{name}")
-        if not zarr_sync.can_read(metadata, store_path):
-            return None  # a codec or layout only the general readers know
-        opened[name] = (metadata, store_path)
-    values = {name: zarr_sync.read_all(*opened[name]) for name in [*index_names, *other_names]}
-
-    shape = dict(zip(dims, opened[variable][0].shape))
+    complete = groups[""].get(ROOT_COMPLETENESS) == "complete"
+    values = {name: store.read(arrays[name]) for name in [*index_names, *other_names]}
     index = []
-    for dim in dims:
+    for dim, size in zip(dims, target_array.shape):
         if dim not in selection:
             index.append(slice(None))
             continue
         label_name = LABEL_COORDS.get(dim)
-        labels = values.get(label_name) if label_name in values and tuple(arrays[label_name]["dims"] or ()) == (dim,) else None
-        index.append(position(dim, selection[dim], size=shape[dim], index=values.get(dim), labels=labels, where=where))
-    data = zarr_sync.read(*opened[variable], tuple(index), chunks_required=complete and variable in ATTENTION_VARIABLES)
+        labels = values.get(label_name) if label_name in values and arrays[label_name].dims == (dim,) else None
+        index.append(position(dim, selection[dim], size=size, index=values.get(dim), labels=labels, where=where))
+    data = store.read(target_array, tuple(index), chunks_required=complete and variable in ATTENTION_VARIABLES)
     kept = tuple(dim for dim, item in zip(dims, index) if isinstance(item, slice))
     positions = dict(zip(dims, index))
     coords = {}
     for name in index_names + other_names:
-        coord_dims = tuple(arrays[name]["dims"])
+        coord_dims = arrays[name].dims
         taken = tuple(positions.get(dim, slice(None)) for dim in coord_dims)
         coord_values = values[name][taken] if coord_dims else values[name]
         remaining = tuple(dim for dim, item in zip(coord_dims, taken) if isinstance(item, slice))
-        coords[name] = xr.Variable(remaining, coord_values, _public_attrs(arrays[name]["attrs"]))
-    return xr.DataArray(data, dims=kept, name=variable, attrs=_public_attrs(target["attrs"], "coordinates"), coords=coords)
-
-
-def _consolidated_metadata(path: Path, where: str) -> dict[str, dict] | None:
-    """Node path -> {"kind", "dims", "attrs", "raw"} from a Zarr v3 store's consolidated
-    metadata, or None (no such metadata; the general road then explains)."""
-    from attnformat.conventions import MAX_METADATA_DOCUMENT_BYTES
-
-    from attnformat.engines.zarr_screen import open_regular_file
-
-    descriptor = open_regular_file(path / "zarr.json")  # a link is refused [ATTN-STORE-004]
-    if descriptor is None:
-        return None
-    with os.fdopen(descriptor, "rb") as handle:
-        raw = handle.read(MAX_METADATA_DOCUMENT_BYTES + 1)
-    if len(raw) > MAX_METADATA_DOCUMENT_BYTES:
-        return None  # the general road refuses it [ATTN-STORE-006]
-    return _parse_consolidated(raw, where)
-
-
-@lru_cache(maxsize=32)
-def _parse_consolidated(raw: bytes, where: str) -> dict[str, dict] | None:
-    # A pure function of the metadata's bytes, so the last few results are kept: reading the same
-    # file again re-reads the bytes (a changed file parses afresh) but not the JSON. Screening is
-    # part of the parse, so a kept result is a screened one. Callers must not change what they get.
-    from attnformat.engines.zarr_screen import screen_document
-
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        return None
-    consolidated = (document.get("consolidated_metadata") or {}).get("metadata") if isinstance(document, dict) else None
-    if not isinstance(consolidated, dict):
-        return None
-    screen_document(raw, "zarr.json", where)
-    nodes = {"": {"kind": "group", "attrs": document.get("attributes", {})}}
-    for name, meta in consolidated.items():
-        if not isinstance(meta, dict):
-            return None
-        if meta.get("node_type") == "group":
-            nodes[name] = {"kind": "group", "attrs": meta.get("attributes", {})}
-        else:
-            nodes[name] = {"kind": "array", "dims": meta.get("dimension_names"), "attrs": meta.get("attributes", {}), "raw": meta}
-    return nodes
-
-
-def _array_metadata(node: dict):
-    """zarr's parsed metadata of an array node, parsed once per (kept) consolidated document."""
-    from attnformat.engines import zarr_sync
-
-    if "metadata" not in node:
-        node["metadata"] = zarr_sync.array_metadata(node["raw"])
-    return node["metadata"]
+        coords[name] = xr.Variable(remaining, coord_values, _public_attrs(arrays[name].attributes))
+    return xr.DataArray(data, dims=kept, name=variable, attrs=_public_attrs(target_array.attributes, "coordinates"), coords=coords)
 
 
 def _public_attrs(attrs: dict, *also_hidden: str) -> dict:

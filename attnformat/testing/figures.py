@@ -45,9 +45,12 @@ def visible_texts(figure) -> list:
     >>> "a title" in [t.get_text() for t in visible_texts(figure)]
     True
     """
+    from matplotlib.text import Text
+
     _renderer(figure)
     texts = []
-    for artist in figure.findobj(lambda a: hasattr(a, "get_text") and hasattr(a, "get_window_extent")):
+    # Only Text artists: a legend's TextArea wraps a Text of its own and would count it twice.
+    for artist in figure.findobj(lambda a: isinstance(a, Text)):
         if not artist.get_visible() or not str(artist.get_text()).strip():
             continue
         axes = getattr(artist, "axes", None)
@@ -128,7 +131,14 @@ def overlapping_texts(figure, *, tolerance: float = 0.5) -> list[tuple[str, str]
     []
     """
     renderer = _renderer(figure)
-    texts = [t for t in visible_texts(figure)]
+    # Matplotlib keeps the labels of ticks outside an axis' view visible but never draws them.
+    every_tick_label, drawn_tick_labels = set(), set()
+    for ax in figure.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                every_tick_label |= {id(tick.label1), id(tick.label2)}
+        drawn_tick_labels |= {id(label) for label in _tick_labels(ax)}
+    texts = [t for t in visible_texts(figure) if id(t) not in every_tick_label or id(t) in drawn_tick_labels]
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
     pairs = []
     for (text_a, a), (text_b, b) in itertools.combinations(boxes, 2):

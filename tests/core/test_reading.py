@@ -121,3 +121,15 @@ def test_open_reads_zarr_and_hdf5_over_http(tmp_path):
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_a_lazily_opened_tree_refuses_to_be_pickled():
+    """Its arrays read through a directory pinned by this process' file descriptor: in another
+    process that path would name something else, so the tree says so instead of travelling."""
+    import pickle
+
+    tree = attnformat.open(attnformat.example_path("dense"))
+    with pytest.raises(attnformat.AttnFormatError, match=r"encoder/self/\w+: a lazily opened attention array cannot be sent"):
+        pickle.dumps(tree)
+    loaded = tree["encoder/self"].to_dataset().load()  # values read first travel fine
+    assert pickle.loads(pickle.dumps(loaded))["weights"].equals(loaded["weights"])

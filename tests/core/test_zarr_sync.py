@@ -102,13 +102,20 @@ def test_parsed_metadata_follows_the_document_not_the_path():
 def test_one_map_paths_decode_in_the_callers_thread(tmp_path, monkeypatch):
     """read_map, open().sel() and open's eager coordinates all take the synchronous reader for a
     default file (the fast path must not be silently bypassed), and give the same values."""
+    from attnformat.engines import zarr_direct
+
     path = attnformat.save(build("dense"), tmp_path / "dense.zarr")
     reads = []
-    original = zarr_sync.read
-    monkeypatch.setattr(zarr_sync, "read", lambda *args, **kwargs: reads.append(args[1].path) or original(*args, **kwargs))
+    # read_map takes the direct road (checked chunk reads without zarr-python or a tree) ...
+    direct_read = zarr_direct.ZarrDirectory.read
+    monkeypatch.setattr(zarr_direct.ZarrDirectory, "read",
+                        lambda self, array, *args, **kwargs: reads.append(array.path) or direct_read(self, array, *args, **kwargs))
     head = attnformat.read_map(path, "encoder/self", layer=1, head=2)
     assert "encoder/self/weights" in reads and "encoder/self/query_label" in reads
     reads.clear()
+    # ... and a tree's arrays the synchronous reader.
+    original = zarr_sync.read
+    monkeypatch.setattr(zarr_sync, "read", lambda *args, **kwargs: reads.append(args[1].path) or original(*args, **kwargs))
     tree = attnformat.open(path)
     assert "encoder/self/query_label" in reads and "encoder/self/weights" not in reads  # labels eager, maps lazy
     from_tree = tree["encoder/self"]["weights"].sel(layer=1, head=2).load()

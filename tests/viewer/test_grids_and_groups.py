@@ -62,7 +62,7 @@ def test_step_comparison_of_training_snapshots(example):
 def test_encoder_decoder_flow_like_seed_001(example):
     tree = attnformat.open(example("encoder-decoder"))
     figure = attention_flow(tree, layer=1, head=0)
-    assert len(figure.axes) == 3 + 3  # three maps, each with its colorbar
+    assert len(figure.axes) == 3 + 1  # three maps on one shared colour scale, one colorbar
     maps = figure.axes[:3]
     assert [ax.get_title().split(" | ")[0] for ax in maps] == ["encoder/self", "decoder/self", "decoder/cross"]
     for ax, site in zip(maps, ("encoder/self", "decoder/self", "decoder/cross")):
@@ -98,7 +98,7 @@ def test_group_bars_heights_and_sink_scores_like_seed_004(example):
         expected = per_frame[0] - per_frame[1:-1].mean()
         assert ax.get_title() == f"H{head} (sink={expected:.2f})"
         assert ax.patches[0].get_facecolor()[:3] == pytest.approx((0x01 / 255, 0x73 / 255, 0xB2 / 255))
-    assert "per-head attention of query frame 4" in figure._suptitle.get_text()
+    assert figure._suptitle.get_text().splitlines()[-1] == "Query: frames [4]"
     assert sink_score([7.0, 1.0, 2.0, 3.0, 9.0]) == 5.0
 
 

@@ -42,7 +42,7 @@ def test_steps_file_selects_by_step_and_draws_bias(example):
 
 
 @pytest.mark.parametrize("case", ["all-negative", "all-positive", "nan-and-inf", "all-nan"])
-def test_diverging_logits_never_crash_and_stay_centred(case):
+def test_diverging_logits_never_crash_and_scale_honestly(case):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(1, 2, 6, 6))
     if case == "all-negative":
@@ -58,14 +58,19 @@ def test_diverging_logits_never_crash_and_stay_centred(case):
     tree = dense_tree(logits, with_weights=False)
     ax = heatmap(tree, variable="logits", head=0)
     norm = ax.images[0].norm
-    assert norm.vmin == -norm.vmax and norm.vmax > 0
-    assert float(norm(0.0)) == pytest.approx(0.5)
     finite = logits[0, 0][np.isfinite(logits[0, 0])]
-    if finite.size:
-        assert norm.vmax == pytest.approx(np.abs(finite).max(), rel=1e-6)
+    if case in ("all-negative", "all-positive"):
+        # Data on one side of 0 get a one-sided scale over their own range (no wasted half).
+        assert (norm.vmin, norm.vmax) == pytest.approx((finite.min(), finite.max()), rel=1e-6)
+    else:
+        # Data on both sides (or none) get a symmetric scale with white at 0.
+        assert norm.vmin == -norm.vmax and norm.vmax > 0
+        assert float(norm(0.0)) == pytest.approx(0.5)
+        if finite.size:
+            assert norm.vmax == pytest.approx(np.abs(finite).max(), rel=1e-6)
     colorbar = ax.figure.axes[1]
     low, high = colorbar.get_ylim()
-    assert low == pytest.approx(-high)
+    assert (low, high) == pytest.approx((norm.vmin, norm.vmax))
     shown = drawn(ax)
     assert np.isnan(shown[~np.isfinite(logits[0, 0])]).all()  # NaN and inf drawn as missing
     assert ax.get_title().endswith("not captured (all NaN)") == (case == "all-nan")
@@ -76,9 +81,9 @@ def test_explicit_limits_around_zero_use_two_slopes():
     tree = dense_tree(np.random.default_rng(1).normal(size=(1, 1, 4, 4)))
     norm = heatmap(tree, variable="logits", vmin=-1.0, vmax=3.0).images[0].norm
     assert isinstance(norm, mcolors.TwoSlopeNorm) and (norm.vmin, norm.vcenter, norm.vmax) == (-1.0, 0.0, 3.0)
-    # Limits that do not straddle the centre fall back to a symmetric scale instead of crashing.
+    # Limits that do not straddle the centre are used exactly as given (issue 9: user limits win).
     norm = heatmap(tree, variable="logits", vmin=-5.0, vmax=-1.0).images[0].norm
-    assert (norm.vmin, norm.vmax) == (-5.0, 5.0)
+    assert (norm.vmin, norm.vmax) == (-5.0, -1.0)
 
 
 def test_large_map_is_pooled_and_the_title_says_so():
