@@ -100,12 +100,18 @@ def overlapping_labels(figure, *, tolerance: float = 0.5) -> list[tuple[str, str
     renderer = _renderer(figure)
     pairs = []
     for ax in figure.axes:
-        boxes = [(label.get_text(), label.get_window_extent(renderer)) for label in _tick_labels(ax)]
-        for (text_a, a), (text_b, b) in itertools.combinations(boxes, 2):
-            width = min(a.x1, b.x1) - max(a.x0, b.x0)
-            height = min(a.y1, b.y1) - max(a.y0, b.y0)
-            if width > tolerance and height > tolerance:
-                pairs.append((text_a, text_b))
+        pairs += _overlapping(_tick_labels(ax), renderer, tolerance)
+    return pairs
+
+
+def _overlapping(texts, renderer, tolerance: float) -> list[tuple[str, str]]:
+    boxes = [(text.get_text(), text.get_window_extent(renderer)) for text in texts]
+    pairs = []
+    for (text_a, a), (text_b, b) in itertools.combinations(boxes, 2):
+        width = min(a.x1, b.x1) - max(a.x0, b.x0)
+        height = min(a.y1, b.y1) - max(a.y0, b.y0)
+        if width > tolerance and height > tolerance:
+            pairs.append((text_a, text_b))
     return pairs
 
 
@@ -139,14 +145,7 @@ def overlapping_texts(figure, *, tolerance: float = 0.5) -> list[tuple[str, str]
                 every_tick_label |= {id(tick.label1), id(tick.label2)}
         drawn_tick_labels |= {id(label) for label in _tick_labels(ax)}
     texts = [t for t in visible_texts(figure) if id(t) not in every_tick_label or id(t) in drawn_tick_labels]
-    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
-    pairs = []
-    for (text_a, a), (text_b, b) in itertools.combinations(boxes, 2):
-        width = min(a.x1, b.x1) - max(a.x0, b.x0)
-        height = min(a.y1, b.y1) - max(a.y0, b.y0)
-        if width > tolerance and height > tolerance:
-            pairs.append((text_a, text_b))
-    return pairs
+    return _overlapping(texts, renderer, tolerance)
 
 
 def colorbars(figure) -> list:
