@@ -8,22 +8,34 @@ name twice.
 from __future__ import annotations
 
 FORMAT_NAME = "attnformat"
-FORMAT_VERSION = "1.1.0"
+FORMAT_VERSION = "1.2.0"
 
 #: Canonical order of the attention dimensions. Attention variables use a subset, in this order.
-ATTENTION_DIMS = ("step", "sample", "layer", "head", "time", "node", "query", "key", "edge")
+ATTENTION_DIMS = ("step", "sample", "layer", "head", "time", "node", "query", "key", "edge", "rank")
 #: Dimensions that index copies of a map rather than positions inside it.
 LEADING_DIMS = ("step", "sample", "layer", "head", "time", "node")
 #: Auxiliary dimensions allowed on non-attention variables.
 AUXILIARY_DIMS = ("image_row", "image_col", "channel")
 
 ATTENTION_VARIABLES = ("weights", "logits", "bias")
-LAYOUTS = ("dense", "edge")
+LAYOUTS = ("dense", "edge", "topk", "statistics")
 NORMALIZATIONS = ("softmax", "sparsemax", "sigmoid", "other")
 NORMALIZED_DIMS = ("key", "query")
 ROLES = ("pairwise", "image", "per_query", "per_key", "auxiliary")
 LOSSY_METHODS = ("bitround", "quantize")
 COMPLETENESS = ("complete", "incomplete")
+
+#: Variables of a top-k site (spec section "Top-k layout"): the kept weights and their key
+#: indices on (..., query, rank), the mass left out on (..., query).
+TOPK_VARIABLES = ("weights", "key_index", "omitted_weight")
+#: Variables of a statistics site, each on (..., query), at least one present.
+STATISTICS = ("entropy", "max_weight", "sink_weight", "local_weight", "top_key")
+#: Storage dtype and fill value of the normative integer variables: -1 means "no key" (a rank
+#: beyond the row's available keys, a row not captured). Float variables take the site's float
+#: dtype and NaN.
+INTEGER_VARIABLES = {"key_index": ("int32", -1), "top_key": ("int32", -1)}
+#: The one head reduction a site may declare (``head_reduction``): the mean over heads.
+HEAD_REDUCTIONS = ("mean",)
 
 #: Root attributes.
 ROOT_FORMAT = "attnformat"
@@ -37,6 +49,10 @@ LABEL_COORDS = {"query": "query_label", "key": "key_label", "node": "node_label"
 POSITION_COORDS = {"query": "query_position", "key": "key_position"}
 GROUP_COORDS = {"query": "query_group", "key": "key_group"}
 MASK_COORDS = {"query": "query_mask", "key": "key_mask"}
+#: Generation (spec section "Coordinates"): the tokenizer's raw piece of each token, and the
+#: generation step that produced it (-1 for prompt tokens).
+TOKEN_COORDS = {"query": "query_token", "key": "key_token"}
+GENERATION_STEP_COORDS = {"query": "query_generation_step", "key": "key_generation_step"}
 PATCH_COORDS = {"query": ("query_patch_row", "query_patch_col"), "key": ("key_patch_row", "key_patch_col")}
 EDGE_COORDS = ("source", "target")
 
@@ -60,7 +76,7 @@ MIN_MAP_CHUNK_ELEMENTS = 64 * 1024
 MAX_METADATA_DOCUMENT_BYTES = 16 * 1024 * 1024
 #: All metadata documents of one file together: bounds what the screen reads and parses.
 MAX_METADATA_TOTAL_BYTES = 64 * 1024 * 1024
-#: Dimensions of one array: attention uses at most 9 (ATTENTION_DIMS) plus auxiliary ones, and
+#: Dimensions of one array: attention uses at most 10 (ATTENTION_DIMS) plus auxiliary ones, and
 #: numpy itself stops at 64; a bound keeps shape products and chunk grids small to compute.
 MAX_DIMENSIONS = 32
 #: Decoded bytes of one chunk: the writer's chunks hold at most 4 MiB (MAX_MAP_CHUNK_ELEMENTS of

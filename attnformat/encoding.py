@@ -34,7 +34,9 @@ import xarray as xr
 
 from attnformat.conventions import LEADING_DIMS, MAX_MAP_CHUNK_ELEMENTS, MIN_MAP_CHUNK_ELEMENTS
 
-MAP_DIMS = ("query", "key", "edge")
+#: Dimensions that lie inside a map: whole in a chunk, or cut into strips of whole rows; ``rank``
+#: (the kept keys of a top-k row) is innermost, like ``key``.
+MAP_DIMS = ("query", "key", "edge", "rank")
 #: The leading dimensions small maps are grouped along, in this order. Heads first: a layer's
 #: heads are computed (and written) together; step never, it grows one step at a time.
 GROUPED_DIMS = ("head", "layer", "node", "time", "sample")

@@ -19,7 +19,8 @@ import xarray as xr
 from attnformat._version import __version__
 from attnformat.conventions import FORMAT_NAME, FORMAT_VERSION
 
-EXAMPLES = ("dense", "padded-batch", "encoder-decoder", "edge", "edge-time", "steps", "image", "frames")
+EXAMPLES = ("dense", "padded-batch", "encoder-decoder", "edge", "edge-time", "steps", "image", "frames",
+            "topk", "statistics", "head-mean", "generation")
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -252,6 +253,110 @@ def _build_frames(rng) -> xr.DataTree:
         attrs={"layout": "dense", "normalization": "softmax", "normalized_dim": "key", "attention_type": "self", "causal": 0, "group_kind": "frame"},
     )
     return xr.DataTree.from_dict({"/": _root("Video model: token attention with tokens grouped by frame (attention-sink analysis).", model_name="toy-video"), "/blocks": site})
+
+
+_DECODER_WORDS = ["<s>", "The", " cat", " sat", " on", " the", " warm", " mat"]
+_DECODER_PIECES = ["<s>", "The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġwarm", "Ġmat"]
+
+
+def _causal_decoder(rng, layers: int = 2, heads: int = 2) -> tuple[np.ndarray, dict]:
+    """Causal softmax weights (layer, head, query, key) of an 8-token decoder, and its token coordinates."""
+    tokens = len(_DECODER_WORDS)
+    logits = rng.normal(scale=2.0, size=(layers, heads, tokens, tokens))
+    logits[..., 0] += 2.0  # a sink on the first token, as decoders have
+    logits = np.where(np.triu(np.ones((tokens, tokens), bool), k=1), -np.inf, logits)
+    coords = {
+        "query_label": ("query", _tokens(_DECODER_WORDS)), "key_label": ("key", _tokens(_DECODER_WORDS)),
+        "query_position": ("query", np.arange(tokens)), "key_position": ("key", np.arange(tokens)),
+    }
+    return softmax(logits).astype(np.float32), coords
+
+
+def _decoder_attrs(**attrs) -> dict:
+    return {"normalization": "softmax", "normalized_dim": "key", "attention_type": "self", "causal": 1, "describes": "decoder/self", **attrs}
+
+
+def _build_topk(rng) -> xr.DataTree:
+    from attnformat.reductions import top_k
+
+    weights, coords = _causal_decoder(rng)
+    k = 3
+    kept, index, omitted = top_k(weights, k, key_mask=np.tril(np.ones(weights.shape[-2:], bool)))
+    leading = ("layer", "head", "query")
+    topk = xr.Dataset(
+        {"weights": (leading + ("rank",), kept), "key_index": (leading + ("rank",), index, {"role": "per_query"}),
+         "omitted_weight": (leading, omitted, {"role": "per_query"})},
+        coords={"layer": [0, 1], "head": [0, 1], **coords},
+        attrs={"layout": "topk", **_decoder_attrs(top_k=k, key_count=weights.shape[-1])},
+    )
+    # The dense maps of one chosen layer, beside the top-k rows of every layer.
+    dense = xr.Dataset({"weights": (("layer", "head", "query", "key"), weights[1:])}, coords={"layer": [1], "head": [0, 1], **coords},
+                       attrs={"layout": "dense", **_decoder_attrs()})
+    return xr.DataTree.from_dict({
+        "/": _root("Causal decoder: the 3 largest weights of every query row for every layer and head (top-k layout), and the dense maps of layer 1.", model_name="toy-gpt"),
+        "/decoder/self": dense, "/decoder/self_topk": topk,
+    })
+
+
+def _build_statistics(rng) -> xr.DataTree:
+    from attnformat.reductions import row_statistics
+
+    weights, coords = _causal_decoder(rng, layers=3, heads=4)
+    window = 2
+    statistics = row_statistics(weights, local_window=window, key_mask=np.tril(np.ones(weights.shape[-2:], bool)))
+    leading = ("layer", "head", "query")
+    site = xr.Dataset(
+        {name: (leading, values, {"role": "per_query"}) for name, values in statistics.items()},
+        coords={"layer": np.arange(3), "head": np.arange(4), **coords},
+        attrs={"layout": "statistics", **_decoder_attrs(key_count=weights.shape[-1], local_window=window)},
+    )
+    site["entropy"].attrs["units"] = "nat"
+    return xr.DataTree.from_dict({
+        "/": _root("Causal decoder: per-row statistics (entropy, max, sink, local weight, top key) of every layer and head.", model_name="toy-gpt"),
+        "/decoder/self_stats": site,
+    })
+
+
+def _build_head_mean(rng) -> xr.DataTree:
+    words = ["[CLS]", "a", "small", "dog", "barks", "[SEP]"]
+    site = _dense_site(rng, {"layer": 2, "head": 4, "query": 6, "key": 6}, attrs={"attention_type": "self", "causal": 0}, with_logits=False)
+    mean = site[["weights"]].mean("head").astype(np.float32).drop_vars("head", errors="ignore")
+    mean.attrs = {**site.attrs, "head_reduction": "mean", "describes": "encoder/self"}
+    mean = mean.assign_coords(query_label=("query", _tokens(words)), key_label=("key", _tokens(words)))
+    return xr.DataTree.from_dict({
+        "/": _root("Encoder self-attention averaged over heads: one map per layer.", model_name="toy-bert"),
+        "/encoder/self_mean": mean,
+    })
+
+
+def _build_generation(rng) -> xr.DataTree:
+    prompt = ["<s>", "The", " cat"]
+    prompt_pieces = ["<s>", "The", "Ġcat"]
+    generated = [[" sat", " on", " it"], [" ran", " away", "."]]  # two returned sequences (num_return_sequences=2)
+    generated_pieces = [["Ġsat", "Ġon", "Ġit"], ["Ġran", "Ġaway", "."]]
+    tokens = len(prompt) + 3
+    labels = _tokens([prompt + g for g in generated])
+    pieces = _tokens([prompt_pieces + g for g in generated_pieces])
+    steps = np.array([-1] * len(prompt) + [0, 1, 2])
+    sizes = {"sample": 2, "layer": 2, "head": 2, "query": tokens, "key": tokens}
+    logits = rng.normal(scale=2.0, size=tuple(sizes.values()))
+    logits = np.where(np.triu(np.ones((tokens, tokens), bool), k=1), -np.inf, logits)
+    site = xr.Dataset(
+        {"weights": (tuple(sizes), softmax(logits).astype(np.float32))},
+        coords={
+            "layer": [0, 1], "head": [0, 1],
+            "query_label": (("sample", "query"), labels), "key_label": (("sample", "key"), labels),
+            "query_token": (("sample", "query"), pieces), "key_token": (("sample", "key"), pieces),
+            "query_position": ("query", np.arange(tokens)), "key_position": ("key", np.arange(tokens)),
+            "query_generation_step": ("query", steps), "key_generation_step": ("key", steps),
+        },
+        attrs={"layout": "dense", "normalization": "softmax", "normalized_dim": "key", "attention_type": "self", "causal": 1,
+               "describes": "decoder/self"},
+    )
+    return xr.DataTree.from_dict({
+        "/": _root("Generation: a 3-token prompt and 3 generated tokens, two returned sequences, as one causal map over prompt + generated tokens.", model_name="toy-gpt"),
+        "/decoder/self": site,
+    })
 
 
 def example_path(name: str) -> Path:

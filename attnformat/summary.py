@@ -34,11 +34,46 @@ def describe(tree: xr.DataTree) -> dict:
             }
         groups[node.path] = {
             "site": is_site(node.attrs),
+            "summary": site_summary(node.attrs, dataset) if is_site(node.attrs) else None,
             "dims": {k: int(v) for k, v in dataset.sizes.items()},
             "attrs": {k: _as_json(v) for k, v in node.attrs.items()},
             "variables": variables,
         }
     return {"source": source_of(tree), "groups": groups}
+
+
+def site_summary(attrs, dataset: xr.Dataset) -> str:
+    """One line saying what a site keeps, from its attributes and variable names (no values read).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> tree = attnformat.open(attnformat.example_path("topk"))
+    >>> site_summary(tree["decoder/self_topk"].attrs, tree["decoder/self_topk"].to_dataset())
+    'topk: the 3 largest of 8 weights per row, with key indices and the mass left out; describes decoder/self'
+    >>> tree = attnformat.open(attnformat.example_path("statistics"))
+    >>> site_summary(tree["decoder/self_stats"].attrs, tree["decoder/self_stats"].to_dataset())
+    'statistics of rows over 8 keys: entropy, max_weight, sink_weight, local_weight (window 2), top_key; describes decoder/self'
+    """
+    attrs = {key: _as_json(value) for key, value in attrs.items()}
+    layout = attrs.get("layout")
+    if layout == "topk":
+        omitted = ", with key indices and the mass left out" if "omitted_weight" in dataset.data_vars else ", with key indices"
+        text = f"topk: the {attrs.get('top_k', '?')} largest of {attrs.get('key_count', '?')} weights per row{omitted}"
+    elif layout == "statistics":
+        from attnformat.conventions import STATISTICS
+
+        names = [f"{name} (window {attrs.get('local_window', '?')})" if name == "local_weight" else name
+                 for name in STATISTICS if name in dataset.data_vars]
+        text = f"statistics of rows over {attrs.get('key_count', '?')} keys: {', '.join(names) or 'none'}"
+    else:
+        variables = [name for name in ("weights", "logits", "bias") if name in dataset.data_vars]
+        text = f"{layout}: {', '.join(variables) or 'no attention variables'}"
+        if attrs.get("head_reduction") == "mean":
+            text += ", mean over heads"
+    if isinstance(attrs.get("describes"), str):
+        text += f"; describes {attrs['describes']}"
+    return text
 
 
 def format_description(info: dict) -> str:
@@ -61,6 +96,8 @@ def format_description(info: dict) -> str:
         depth = 0 if path == "/" else path.count("/")
         pad = "  " * depth
         kind = "  [attention site]" if group["site"] else ""
+        if group["site"] and group.get("summary"):
+            kind += f" {for_terminal(group['summary'])}"
         lines.append(f"{pad}group {for_terminal(path)}{kind}")
         for key, value in group["attrs"].items():
             lines.append(f"{pad}  :{for_terminal(key)} = {for_terminal(repr(value))}")

@@ -32,7 +32,11 @@ from attnformat.conventions import (
     ATTENTION_VARIABLES,
     AUXILIARY_DIMS,
     EDGE_COORDS,
+    GENERATION_STEP_COORDS,
     GROUP_COORDS,
+    STATISTICS,
+    TOKEN_COORDS,
+    TOPK_VARIABLES,
     LABEL_COORDS,
     LEADING_DIMS,
     MASK_COORDS,
@@ -246,7 +250,7 @@ def load_schema(name: str) -> dict:
     Examples
     --------
     >>> load_schema("site-attributes")["properties"]["layout"]["enum"]
-    ['dense', 'edge']
+    ['dense', 'edge', 'topk', 'statistics']
     """
     text = resources.files("attnformat.schemas").joinpath(f"{name}.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
@@ -314,9 +318,22 @@ def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool,
             report.add("ATTN-SITE-008", location, f"no {name!r} attribute")
     dataset = node.to_dataset(inherit=False)
     attention = [name for name in ATTENTION_VARIABLES if name in dataset.data_vars]
-    if not any(name in dataset.data_vars for name in ("weights", "logits")):
-        report.add("ATTN-SITE-005", location, "holds neither 'weights' nor 'logits'")
     layout = _as_json(attrs.get("layout"))
+    if layout == "topk":
+        if "weights" not in dataset.data_vars:
+            report.add("ATTN-SITE-005", location, "a topk site holds 'weights' (the kept weights); it has none")
+    elif layout == "statistics":
+        if not any(name in dataset.data_vars for name in STATISTICS):
+            report.add("ATTN-SITE-005", location, f"a statistics site holds at least one of {', '.join(STATISTICS)}; it has none")
+    elif not any(name in dataset.data_vars for name in ("weights", "logits")):
+        report.add("ATTN-SITE-005", location, "holds neither 'weights' nor 'logits'")
+    if layout == "topk":
+        attention = [name for name in attention if name == "weights"]
+        _check_topk_structure(dataset, attrs, location, report)
+    elif layout == "statistics":
+        attention = []
+        _check_statistics_structure(dataset, attrs, location, report)
+    _check_head_reduction(dataset, attrs, layout, location, report)
     for name in attention:
         _check_attention_variable(dataset, name, layout, attrs, f"{location.rstrip('/')}/{name}", report)
     if "weights" in dataset.data_vars and "logits" in dataset.data_vars:
@@ -327,16 +344,21 @@ def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool,
         if reference is not None and not set(dataset["bias"].dims) <= set(reference):
             report.add("ATTN-DIM-005", f"{location.rstrip('/')}/bias", f"bias dims {dataset['bias'].dims} are not a subset of {reference}")
     _check_coordinates(dataset, location, report)
-    _check_other_variables(dataset, location, report)
+    _check_other_variables(dataset, location, report, layout)
     for name in dataset.data_vars:
         _check_attributes({k: v for k, v in dataset[name].attrs.items() if k.startswith("lossy_")}, "variable-attributes", f"{location.rstrip('/')}/{name}", report)
     if layout == "edge":
         _check_edges(dataset, attrs, location, report)
     _check_patches(dataset, attrs, location, report)
     if storage is not None and _as_json(node.root.attrs.get(ROOT_COMPLETENESS)) == "complete":
-        _check_stored_chunks(dataset, location, storage, report)
+        _check_stored_chunks(dataset, location, storage, report, _attention_names(layout))
     if check_values and not any(f.level == "error" and f.location.startswith(location) for f in report.findings):
-        _check_values(dataset, attrs, location, report, storage)
+        if layout == "topk":
+            _check_topk_values(dataset, attrs, location, report, storage)
+        elif layout == "statistics":
+            _check_statistics_values(dataset, attrs, location, report, storage)
+        else:
+            _check_values(dataset, attrs, location, report, storage)
 
 
 def _check_attention_variable(dataset, name, layout, attrs, location, report) -> None:
@@ -349,10 +371,10 @@ def _check_attention_variable(dataset, name, layout, attrs, location, report) ->
     if list(dims) != sorted(dims, key=ATTENTION_DIMS.index):
         report.add("ATTN-DIM-002", location, f"dimensions {dims} are not in the canonical order {ATTENTION_DIMS}")
     if name != "bias":
-        if layout == "dense" and not ("query" in dims and "key" in dims and "edge" not in dims):
-            report.add("ATTN-DIM-003", location, f"a dense site's {name} needs 'query' and 'key' (and no 'edge'); it has {dims}")
-        if layout == "edge" and not ("edge" in dims and "query" not in dims and "key" not in dims):
-            report.add("ATTN-DIM-003", location, f"an edge site's {name} needs 'edge' (and no 'query'/'key'); it has {dims}")
+        if layout == "dense" and not ("query" in dims and "key" in dims and "edge" not in dims and "rank" not in dims):
+            report.add("ATTN-DIM-003", location, f"a dense site's {name} needs 'query' and 'key' (and no 'edge' or 'rank'); it has {dims}")
+        if layout == "edge" and not ("edge" in dims and "query" not in dims and "key" not in dims and "rank" not in dims):
+            report.add("ATTN-DIM-003", location, f"an edge site's {name} needs 'edge' (and no 'query'/'key'/'rank'); it has {dims}")
     if variable.dtype.kind != "f":
         report.add("ATTN-VAR-001", location, f"dtype is {variable.dtype}; attention values must be floating point")
 
@@ -385,6 +407,18 @@ def _check_coordinates(dataset: xr.Dataset, location: str, report: ValidationRep
             variable = dataset.variables[name]
             if variable.dtype != bool or not on_token_dims(variable, dim):
                 report.add("ATTN-COORD-004", f"{location.rstrip('/')}/{name}", f"must be boolean on ({dim},) or (sample, {dim}); is {variable.dtype} on {variable.dims}")
+    for dim, name in TOKEN_COORDS.items():
+        if name in dataset.variables:
+            variable = dataset.variables[name]
+            if variable.dtype.kind not in "OUT" or not on_token_dims(variable, dim):
+                report.add("ATTN-COORD-006", f"{location.rstrip('/')}/{name}", f"must be strings on ({dim},) or (sample, {dim}); is {variable.dtype} on {variable.dims}")
+    for dim, name in GENERATION_STEP_COORDS.items():
+        if name in dataset.variables:
+            variable = dataset.variables[name]
+            if variable.dtype.kind not in "iu" or not on_token_dims(variable, dim):
+                report.add("ATTN-COORD-006", f"{location.rstrip('/')}/{name}", f"must be integers on ({dim},) or (sample, {dim}); is {variable.dtype} on {variable.dims}")
+            elif any(np.any(values < -1) for values in _in_blocks(variable)):
+                report.add("ATTN-COORD-006", f"{location.rstrip('/')}/{name}", "holds values below -1 (-1 marks prompt tokens, t >= 0 the token of generation step t)")
     for coords, kinds in ((POSITION_COORDS, "iu"), (GROUP_COORDS, "iuOUT")):
         for dim, name in coords.items():
             if name in dataset.variables:
@@ -393,10 +427,11 @@ def _check_coordinates(dataset: xr.Dataset, location: str, report: ValidationRep
                     report.add("ATTN-COORD-005", f"{location.rstrip('/')}/{name}", f"has dtype {variable.dtype} on {variable.dims}")
 
 
-def _check_other_variables(dataset: xr.Dataset, location: str, report: ValidationReport) -> None:
+def _check_other_variables(dataset: xr.Dataset, location: str, report: ValidationReport, layout=None) -> None:
     allowed_roles = load_schema("variable-attributes")["properties"]["role"]["enum"]
+    normative = set(ATTENTION_VARIABLES) | set(_attention_names(layout))
     for name, variable in dataset.data_vars.items():
-        if name in ATTENTION_VARIABLES:
+        if name in normative:
             continue
         where = f"{location.rstrip('/')}/{name}"
         role = _as_json(variable.attrs.get("role"))
@@ -471,6 +506,273 @@ def _in_blocks(variable: xr.Variable):
         yield np.asarray(variable[start:start + step].values)
 
 
+# -- top-k and statistics layouts, head reductions ---------------------------------------------
+
+
+def _attention_names(layout) -> tuple[str, ...]:
+    """The variables that hold a site's attention (for ATTN-STORE-007 and the role rule)."""
+    if layout == "topk":
+        return TOPK_VARIABLES
+    if layout == "statistics":
+        return STATISTICS
+    return ATTENTION_VARIABLES
+
+
+def _is_count(value, minimum: int) -> bool:
+    value = _as_json(value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_reduced_dims(variable, name: str, tail: tuple, rule: str, where: str, report: ValidationReport) -> bool:
+    """A top-k or statistics variable uses the leading dimensions then ``tail``, in canonical order."""
+    dims = variable.dims
+    allowed = set(LEADING_DIMS) | set(tail)
+    if dims[-len(tail):] != tail or any(d not in allowed for d in dims) or list(dims) != sorted(dims, key=ATTENTION_DIMS.index):
+        report.add(rule, where, f"{name} must have leading attention dimensions then {tail}, in canonical order; it has {dims}")
+        return False
+    return True
+
+
+def _check_topk_structure(dataset: xr.Dataset, attrs, location: str, report: ValidationReport) -> None:
+    """ATTN-TOPK-001: weights and key_index on (..., query, rank), omitted_weight on (..., query),
+    integer indices, ``top_k`` the size of rank, ``key_count`` a positive integer (the size of
+    ``key`` where key coordinates exist). The attribute types are also in the site schema."""
+    base = location.rstrip("/")
+    for name in ("logits", "bias"):
+        if name in dataset.data_vars:
+            report.add("ATTN-TOPK-001", f"{base}/{name}", f"a topk site holds weights, key_index and omitted_weight, not {name}")
+    if "weights" not in dataset.data_vars:
+        return  # ATTN-SITE-005
+    weights = dataset["weights"]
+    if not _check_reduced_dims(weights, "weights", ("query", "rank"), "ATTN-TOPK-001", f"{base}/weights", report):
+        return
+    index = dataset.data_vars.get("key_index")
+    if index is None:
+        report.add("ATTN-TOPK-001", location, "a topk site needs 'key_index' (the key of each kept weight) beside 'weights'")
+    elif index.dims != weights.dims or index.dtype.kind not in "iu":
+        report.add("ATTN-TOPK-001", f"{base}/key_index", f"must be integers with the dims of weights {weights.dims}; is {index.dtype} on {index.dims}")
+    omitted = dataset.data_vars.get("omitted_weight")
+    expected = tuple(d for d in weights.dims if d != "rank")
+    if omitted is None:
+        report.add("ATTN-TOPK-001", location, "a topk site needs 'omitted_weight' (the mass each row leaves out)")
+    elif omitted.dims != expected or omitted.dtype.kind != "f":
+        report.add("ATTN-TOPK-001", f"{base}/omitted_weight", f"must be floating point on {expected}; is {omitted.dtype} on {omitted.dims}")
+    top = _as_json(attrs.get("top_k"))
+    if _is_count(top, 1) and top != weights.sizes["rank"]:
+        report.add("ATTN-TOPK-001", location, f"top_k is {top}, but the rank dimension has size {weights.sizes['rank']}")
+    count = _as_json(attrs.get("key_count"))
+    if _is_count(count, 1) and "key" in dataset.dims and dataset.sizes["key"] != count:
+        report.add("ATTN-TOPK-001", location, f"key_count is {count}, but the key coordinates cover {dataset.sizes['key']} keys")
+
+
+def _check_statistics_structure(dataset: xr.Dataset, attrs, location: str, report: ValidationReport) -> None:
+    """ATTN-STAT-001 (names, dtypes, dimensions) and ATTN-STAT-003 (``local_window``)."""
+    base = location.rstrip("/")
+    for name in ATTENTION_VARIABLES:
+        if name in dataset.data_vars:
+            report.add("ATTN-STAT-001", f"{base}/{name}", f"a statistics site holds statistics ({', '.join(STATISTICS)}), not {name}")
+    for name in STATISTICS:
+        if name not in dataset.data_vars:
+            continue
+        variable = dataset[name]
+        _check_reduced_dims(variable, name, ("query",), "ATTN-STAT-001", f"{base}/{name}", report)
+        kind = "iu" if name == "top_key" else "f"
+        if variable.dtype.kind not in kind:
+            report.add("ATTN-STAT-001", f"{base}/{name}", f"dtype is {variable.dtype}; {name} must be {'an integer' if kind == 'iu' else 'floating point'}")
+    count = _as_json(attrs.get("key_count"))
+    if _is_count(count, 1) and "key" in dataset.dims and dataset.sizes["key"] != count:
+        report.add("ATTN-STAT-001", location, f"key_count is {count}, but the key coordinates cover {dataset.sizes['key']} keys")
+    if "local_weight" in dataset.data_vars and not _is_count(attrs.get("local_window"), 0):
+        report.add("ATTN-STAT-003", location, f"local_weight needs the site attribute local_window, a non-negative integer; it is {_as_json(attrs.get('local_window'))!r}")
+
+
+def _check_head_reduction(dataset: xr.Dataset, attrs, layout, location: str, report: ValidationReport) -> None:
+    """ATTN-SITE-009: a site that declares a head reduction has no ``head`` on its attention
+    variables (the value itself is checked by the schema)."""
+    if "head_reduction" not in attrs:
+        return
+    with_head = [name for name in _attention_names(layout) if name in dataset.data_vars and "head" in dataset[name].dims]
+    if with_head:
+        report.add("ATTN-SITE-009", location, f"head_reduction says the heads are reduced, but {', '.join(with_head)} still have a 'head' dimension")
+
+
+def _block_arrays(dataset, names, dims, region):
+    """The values of several variables with dims ``dims`` (or those dims without ``rank``) over one region."""
+    arrays = {}
+    for name in names:
+        variable = dataset[name]
+        arrays[name] = np.asarray(variable.isel({d: region[d] for d in variable.dims}).values)
+    return arrays
+
+
+def _query_mask_block(dataset, row_dims, region):
+    mask = _token_block(dataset, "query_mask", row_dims, region)
+    return None if mask is None else mask.astype(bool)
+
+
+def _report_tally(tally: _Tally, messages: dict, where: str, report: ValidationReport) -> None:
+    """One finding per kind of broken value; ``messages`` maps a kind to (rule id, template, variable)."""
+    for kind, count in tally.counts.items():
+        if count:
+            rule_id, template, variable = messages[kind]
+            selection, detail = tally.first[kind]
+            report.add(rule_id, f"{where.rstrip('/')}/{variable}", template.format(n=count, at=_describe(selection), detail=detail))
+
+
+def _key_coordinate_at(dataset, name, dims, region, index):
+    """A key coordinate (on (key,) or (sample, key)) at each key index of a top-k block, or None."""
+    coordinate = dataset.variables.get(name)
+    if coordinate is None or coordinate.dims not in (("key",), ("sample", "key")):
+        return None
+    if coordinate.dims == ("key",):
+        return np.asarray(coordinate.values)[index]
+    if "sample" not in dims:
+        return np.asarray(coordinate.values)[0][index]
+    values = np.asarray(coordinate.isel(sample=region["sample"]).values)
+    samples = np.arange(values.shape[0]).reshape([-1 if d == "sample" else 1 for d in dims])
+    return values[samples, index]
+
+
+def _check_topk_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None) -> None:
+    """ATTN-TOPK-002..004 (and ATTN-VAL-001 on the kept weights), in blocks of whole rows over the
+    chunks of ``weights`` the file stores."""
+    weights = dataset["weights"]
+    index = dataset.get("key_index")
+    omitted = dataset.get("omitted_weight")
+    count = _as_json(attrs.get("key_count"))
+    if index is None or omitted is None or not _is_count(count, 1) or weights.dims[-1] != "rank":
+        return  # ATTN-TOPK-001 already said what is missing
+    normalization = _as_json(attrs.get("normalization"))
+    tolerance = _tolerance(weights)
+    where = f"{location.rstrip('/')}/weights"
+    listing = storage.listing(where.lstrip("/")) if storage is not None else None
+    tally = _Tally(("range", "index", "order", "omitted", "causal", "mask"))
+    causal = _as_json(attrs.get("causal")) == 1 and _as_json(attrs.get("attention_type", "self")) == "self"
+    dims = weights.dims
+    row_dims = dims[:-1]
+    for block in _row_blocks(weights, "rank", listing):
+        if not block.complete or len(block.pieces) != 1:
+            continue  # rows of a top-k site are short: always whole in a chunk, as written
+        region = block.region(block.pieces[0])
+        starts = block.row_starts()
+        kept = np.asarray(weights.isel(region).values, dtype=np.float64)
+        keys = np.asarray(index.isel(region).values).astype(np.int64)
+        mass = np.asarray(omitted.isel({d: region[d] for d in omitted.dims}).values, dtype=np.float64)
+        present = ~np.isnan(kept)
+        if normalization in ("softmax", "sparsemax"):
+            tally.add("range", present & ((kept < -RANGE_TOLERANCE) | (kept > 1 + RANGE_TOLERANCE)), dims, starts, "kept weights outside [0, 1]")
+        # ATTN-TOPK-002: an index in [0, key_count) for each kept weight, -1 elsewhere, no repeats.
+        bad_index = (present & ((keys < 0) | (keys >= count))) | (~present & (keys != -1))
+        ordered = np.sort(np.where(present, keys, -1 - np.arange(keys.shape[-1])), axis=-1)
+        repeated = np.zeros_like(present)
+        repeated[..., 1:] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+        tally.add("index", bad_index | repeated, dims, starts,
+                  lambda flat: f"key_index {int(keys.reshape(-1)[flat])} (key_count {count})" if bad_index.reshape(-1)[flat] else "a key index repeated in its row")
+        # ATTN-TOPK-003: non-increasing along rank, NaN only after the last kept weight.
+        gap = ~present[..., :-1] & present[..., 1:]
+        rising = present[..., :-1] & present[..., 1:] & (kept[..., 1:] > kept[..., :-1])
+        tally.add("order", gap | rising, dims[:-1] + ("rank",), starts,
+                  lambda flat: "a NaN before a kept weight" if gap.reshape(-1)[flat] else "a weight larger than the one before it")
+        # ATTN-VAL-003 and ATTN-VAL-004 for the kept pairs: no weight on a future or masked key.
+        safe = np.clip(keys, 0, count - 1)
+        weighty = present & (keys >= 0) & (keys < count) & (np.abs(np.where(present, kept, 0.0)) > ZERO_TOLERANCE)
+        weighty &= _judged_rows(dataset, dims, region)
+        if causal:
+            key_positions = _key_coordinate_at(dataset, "key_position", dims, region, safe)
+            key_positions = safe if key_positions is None else key_positions
+            future = key_positions > _positions(dataset, "query_position", "query", dims, region)
+            tally.add("causal", weighty & future, dims, starts, "kept weights on keys after the query")
+        if normalization == "softmax":
+            key_mask = _key_coordinate_at(dataset, "key_mask", dims, region, safe)
+            if key_mask is not None:
+                tally.add("mask", weighty & ~key_mask.astype(bool), dims, starts, "kept weights on masked keys")
+        if normalization != "softmax":
+            continue
+        # ATTN-TOPK-004: the mass left out, and no omitted key heavier than the lightest kept one.
+        captured = present.any(axis=-1) | ~np.isnan(mass)
+        row_region = {d: region[d] for d in row_dims}
+        query_mask = _query_mask_block(dataset, row_dims, row_region)
+        if query_mask is not None:
+            captured &= np.broadcast_to(query_mask, captured.shape)
+        kept_count = present.sum(axis=-1)
+        total = np.nansum(kept, axis=-1)
+        smallest = np.min(np.where(present, kept, np.inf), axis=-1)
+        with np.errstate(invalid="ignore"):
+            bad = captured & (np.isnan(mass) | (mass < -tolerance) | (mass > 1 + tolerance) | (np.abs(mass - (1 - total)) > tolerance)
+                              | ((kept_count > 0) & (mass > (count - kept_count) * smallest + tolerance)))
+        tally.add("omitted", bad, row_dims, starts,
+                  lambda flat: f"omitted_weight {mass.reshape(-1)[flat]:.4g}, kept sum {total.reshape(-1)[flat]:.4g}, smallest kept {smallest.reshape(-1)[flat]:.4g}")
+    messages = {
+        "range": ("ATTN-VAL-001", "{n} kept weights outside [0, 1]; first at {at}", "weights"),
+        "index": ("ATTN-TOPK-002", "{n} bad key indices; first at {at} ({detail}): each kept weight needs a key index in [0, key_count), no repeats in a row, and -1 where the weight is NaN", "key_index"),
+        "order": ("ATTN-TOPK-003", "{n} rows out of order; first at {at} ({detail}): kept weights do not increase along rank and NaN comes only at the end", "weights"),
+        "causal": ("ATTN-VAL-003", "{n} kept weights on keys after the query in causal self-attention; first at {at}", "weights"),
+        "mask": ("ATTN-VAL-004", "{n} kept weights on keys whose key_mask is false; first at {at}", "weights"),
+        "omitted": ("ATTN-TOPK-004", "{n} rows with a wrong omitted_weight; first at {at} ({detail}): it must lie in [0, 1], equal 1 - sum(kept) and not exceed (key_count - kept) * smallest kept weight, within " + f"{tolerance:g}", "omitted_weight"),
+    }
+    _report_tally(tally, messages, location, report)
+
+
+def _check_statistics_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None) -> None:
+    """ATTN-STAT-002: ranges of the statistics, in blocks of whole query rows over stored chunks."""
+    count = _as_json(attrs.get("key_count"))
+    if not _is_count(count, 1):
+        return  # the schema reported it
+    normalization = _as_json(attrs.get("normalization"))
+    normalized = normalization in ("softmax", "sparsemax")
+    present = [name for name in STATISTICS if name in dataset.data_vars]
+    tally = _Tally(tuple(present) + ("order",))
+    for name in present:
+        variable = dataset[name]
+        where = f"{location.rstrip('/')}/{name}"
+        listing = storage.listing(where.lstrip("/")) if storage is not None else None
+        tolerance = _tolerance(variable) if variable.dtype.kind == "f" else 0.0
+        partner = "max_weight" if name == "sink_weight" and "max_weight" in dataset.data_vars and dataset["max_weight"].dims == variable.dims else None
+        for block in _row_blocks(variable, "query", listing):
+            for piece in block.pieces:
+                region = block.region(piece)
+                starts = {**block.row_starts(), "query": piece[0]}
+                values = np.asarray(variable.isel(region).values)
+                if name == "top_key":
+                    bad = (values < -1) | (values >= count)
+                    tally.add(name, bad, variable.dims, starts, lambda flat, v=values: f"top_key {int(v.reshape(-1)[flat])}")
+                    continue
+                if not normalized:
+                    continue
+                values = values.astype(np.float64)
+                with np.errstate(invalid="ignore"):
+                    if name == "entropy":
+                        bad = (values < -tolerance) | (values > math.log(count) + tolerance)
+                    else:
+                        bad = (values < -tolerance) | (values > 1 + tolerance)
+                    if name == "max_weight":
+                        low = values < 1.0 / count - tolerance
+                        query_mask = _query_mask_block(dataset, variable.dims, region)
+                        if query_mask is not None:
+                            low &= np.broadcast_to(query_mask, low.shape)
+                        bad |= low
+                bad &= ~np.isnan(values)
+                tally.add(name, bad, variable.dims, starts, lambda flat, v=values: f"{name} {v.reshape(-1)[flat]:.4g}")
+                if partner is not None:
+                    peak = np.asarray(dataset[partner].isel(region).values, dtype=np.float64)
+                    with np.errstate(invalid="ignore"):
+                        above = values > peak + tolerance
+                    tally.add("order", above, variable.dims, starts, lambda flat, v=values, p=peak: f"sink_weight {v.reshape(-1)[flat]:.4g} > max_weight {p.reshape(-1)[flat]:.4g}")
+    bounds = {
+        "entropy": f"[0, ln key_count = {math.log(count):.4g}]",
+        "max_weight": f"[1/key_count = {1 / count:.4g}, 1]",
+        "sink_weight": "[0, 1]", "local_weight": "[0, 1]", "top_key": f"[-1, {count})",
+    }
+    messages = {name: ("ATTN-STAT-002", f"{{n}} values of {name} outside {bounds[name]}; first at {{at}} ({{detail}})") for name in present}
+    messages["order"] = ("ATTN-STAT-002", "{n} rows whose sink_weight exceeds max_weight; first at {at} ({detail})")
+    for kind, count_bad in tally.counts.items():
+        if count_bad:
+            rule_id, template = messages[kind]
+            selection, detail = tally.first[kind]
+            name = kind if kind != "order" else "sink_weight"
+            report.add(rule_id, f"{location.rstrip('/')}/{name}", template.format(n=count_bad, at=_describe(selection), detail=detail))
+
+
 # -- storage --------------------------------------------------------------------------------------
 
 
@@ -528,9 +830,9 @@ def _first_missing(grid, held: set) -> tuple[int, ...] | None:
     return None
 
 
-def _check_stored_chunks(dataset: xr.Dataset, location: str, storage: _Storage, report: ValidationReport) -> None:
+def _check_stored_chunks(dataset: xr.Dataset, location: str, storage: _Storage, report: ValidationReport, names=ATTENTION_VARIABLES) -> None:
     """ATTN-STORE-007: a complete file stores every chunk of every attention variable."""
-    for name in ATTENTION_VARIABLES:
+    for name in names:
         if name not in dataset.data_vars:
             continue
         where = f"{location.rstrip('/')}/{name}"
@@ -696,8 +998,8 @@ def _leading_at(dims: tuple, starts: dict, shape: tuple, flat_index: int) -> dic
 class _Tally:
     """Counts of each kind of broken value, and where the first of each is."""
 
-    def __init__(self):
-        self.counts = {"range": 0, "sum": 0, "causal": 0, "mask": 0}
+    def __init__(self, kinds=("range", "sum", "causal", "mask")):
+        self.counts = dict.fromkeys(kinds, 0)
         self.first = {}
 
     def add(self, kind: str, bad: np.ndarray, dims: tuple, starts: dict, detail) -> None:
@@ -811,11 +1113,11 @@ def _check_block(dataset, weights, block: _RowBlock, normalization, layout, alon
             if layout == "dense":
                 key_mask = _token_block(dataset, "key_mask", dims, region)
                 if key_mask is not None:
-                    leaked = ~key_mask.astype(bool) & (np.abs(present) > ZERO_TOLERANCE)
+                    leaked = ~key_mask.astype(bool) & (np.abs(present) > ZERO_TOLERANCE) & _judged_rows(dataset, dims, region)
                     tally.add("mask", leaked, dims, piece_starts, "padding keys receive weight")
         if causal:
             future = _positions(dataset, "key_position", "key", dims, region) > _positions(dataset, "query_position", "query", dims, region)
-            leaked = future & (np.abs(present) > ZERO_TOLERANCE)
+            leaked = future & (np.abs(present) > ZERO_TOLERANCE) & _judged_rows(dataset, dims, region)
             tally.add("causal", leaked, dims, piece_starts, "keys after the query receive weight")
     if normalization != "softmax" or not block.complete:
         return  # rows with pieces not stored hold the fill value: not captured, exempt
@@ -832,6 +1134,16 @@ def _check_block(dataset, weights, block: _RowBlock, normalization, layout, alon
         sum_dims = row_dims
     bad = keep & (np.abs(sums - 1) > tolerance)
     tally.add("sum", bad, sum_dims, starts, lambda flat: f"{along} sums range {sums[bad].min():.4g}..{sums[bad].max():.4g}")
+
+
+def _judged_rows(dataset, dims, region):
+    """False on rows whose query is masked (``query_mask`` false): a padded query's row is no
+    attention to judge (a left-padded causal row sees no key, and eager kernels spread it over
+    every key), so ATTN-VAL-002 to 004 exempt it. True where there is no query mask."""
+    if "query" not in dims:
+        return True
+    mask = _token_block(dataset, "query_mask", dims, region)
+    return True if mask is None else mask.astype(bool)
 
 
 def _check_softmax_of_logits(dataset, tolerance, location, report, listing=None) -> None:

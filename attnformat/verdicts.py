@@ -142,3 +142,36 @@ def remember_conforming(version: str | None) -> None:
         os.replace(scratch, path)  # whole or absent, whatever runs alongside
     except OSError:
         pass  # a read-only cache only costs speed
+
+
+def may_read_directly(store) -> bool:
+    """True when the viewer's one-map road may draw from this sealed store without validating
+    the tree: a passing verdict is remembered for its version, or its metadata breaks none of the
+    spec's metadata rules (:func:`attnformat.metadata_rules.passes_metadata_rules`, checked on the
+    consolidated JSON without xarray).
+
+    The value rules are not checked by the second way (drawing one map does not need them; the
+    chunks it reads are checked as on every road), so nothing is remembered for it. False sends
+    the caller to the general road, which validates the tree and refuses a file breaking a rule
+    with a one-line error naming the rule id.
+
+    Parameters
+    ----------
+    store : attnformat.engines.zarr_direct.ZarrDirectory
+        The file's direct reader (:func:`attnformat.engines.direct.open_direct`).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> from attnformat.engines.direct import open_direct
+    >>> may_read_directly(open_direct(attnformat.example_path("dense")))
+    True
+    """
+    if not store.sealed:
+        return False
+    if known_conforming(store.version):
+        return True
+    from attnformat.metadata_rules import passes_metadata_rules
+
+    return passes_metadata_rules(store)
+

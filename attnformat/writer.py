@@ -33,8 +33,11 @@ from attnformat.conventions import (
     ATTENTION_DIMS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    INTEGER_VARIABLES,
     LAYOUTS,
     LEADING_DIMS,
+    STATISTICS,
+    TOPK_VARIABLES,
     ROOT_COMPLETENESS,
     ROOT_FORMAT,
     ROOT_PRODUCER,
@@ -50,6 +53,34 @@ from attnformat.resolving import position
 
 PARTIAL_SUFFIX = ".partial.zarr"
 _DEFAULT_SITE_ATTRS = {"normalization": "softmax", "normalized_dim": "key"}
+#: The dimensions each layout's attention variables need (the map of the layout).
+_MAP_DIMS = {"dense": ("query", "key"), "edge": ("edge",), "topk": ("query", "rank"), "statistics": ("query",)}
+#: Variables each layout may hold (None: any attention variable).
+_LAYOUT_VARIABLES = {"topk": TOPK_VARIABLES, "statistics": STATISTICS}
+
+
+def variable_dims(layout: str, name: str, declared: Sequence[str]) -> tuple[str, ...]:
+    """The dimensions of a normative variable of a ``layout`` site whose dimensions are ``declared``.
+
+    Dense and edge variables use every declared dimension. In a top-k site, ``weights`` and
+    ``key_index`` drop ``key`` (which holds the key coordinates only) and ``omitted_weight``
+    drops ``rank`` too; statistics drop ``key`` and ``rank``.
+
+    Examples
+    --------
+    >>> variable_dims("topk", "omitted_weight", ("layer", "head", "query", "key", "rank"))
+    ('layer', 'head', 'query')
+    >>> variable_dims("statistics", "entropy", ("head", "query", "key"))
+    ('head', 'query')
+    """
+    declared = tuple(declared)
+    if layout == "topk":
+        dropped = {"key", "rank"} if name == "omitted_weight" else {"key"}
+    elif layout == "statistics":
+        dropped = {"key", "rank"}
+    else:
+        dropped = set()
+    return tuple(d for d in declared if d not in dropped)
 
 
 class Writer:
@@ -149,20 +180,34 @@ class Writer:
         *,
         sizes: Mapping[str, int],
         layout: str = "dense",
-        variables: Sequence[str] | Mapping[str, Sequence[str]] = ("weights",),
+        variables: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         dtype: str | np.dtype = "float32",
         coords: Mapping | None = None,
         attrs: Mapping | None = None,
         keepbits: Mapping[str, int] | None = None,
+        chunks: Mapping[str, Sequence[int]] | None = None,
     ) -> SiteWriter:
         """Declare an attention site: its dimensions, variables, coordinates and attributes.
 
         ``sizes`` maps each dimension to its length (``step`` may be 0: it grows as steps are
-        written). ``variables`` names the attention variables to create with every dimension in
-        ``sizes``, or maps a name to a subset of dimensions (a bias shared by all heads, say).
+        written). ``layout`` is ``"dense"``, ``"edge"``, ``"topk"`` or ``"statistics"``.
+        ``variables`` names the variables to create, or maps a name to its dimensions (a bias
+        shared by all heads, say). By default a dense or edge site holds ``weights`` on every
+        dimension in ``sizes``; a top-k site holds ``weights`` and ``key_index`` on (...,
+        query, rank) and ``omitted_weight`` on (..., query); a statistics site holds the
+        statistics named in ``variables`` (``entropy``, ``max_weight``, ``sink_weight``,
+        ``local_weight``, ``top_key``) on (..., query). In top-k and statistics sites ``key``
+        (when in ``sizes``) is the dimension of the key coordinates only.
+        Float variables are stored as ``dtype`` with fill NaN ("not captured"); ``key_index``
+        and ``top_key`` as int32 with fill -1 ("no key"); top-k and statistics variables other
+        than ``weights`` get ``role = "per_query"``.
         ``coords`` maps a coordinate name to ``(dims, values)``, or a dimension name to values.
         ``attrs`` are the site's attributes (``normalization`` defaults to ``"softmax"`` and
-        ``normalized_dim`` to ``"key"``). ``keepbits`` bit-rounds named variables (declared).
+        ``normalized_dim`` to ``"key"``; a top-k site's ``top_k`` defaults to the size of
+        ``rank``, and ``key_count`` of top-k and statistics sites to the size of ``key``).
+        ``keepbits`` bit-rounds named variables (declared). ``chunks`` gives the chunk shape of
+        named coordinates (per-sample labels written batch by batch, say); variables are chunked
+        by the writer (see the spec's Storage section).
 
         Examples
         --------
@@ -171,6 +216,9 @@ class Writer:
         >>> site = writer.create_site("self", sizes={"head": 4, "query": 8, "key": 8})
         >>> site.dims["weights"]
         ('head', 'query', 'key')
+        >>> topk = writer.create_site("self_topk", layout="topk", sizes={"head": 4, "query": 8, "key": 8, "rank": 2})
+        >>> topk.dims["omitted_weight"], str(topk.dtypes["key_index"]), topk.attrs["top_k"], topk.attrs["key_count"]
+        (('head', 'query'), 'int32', 2, 8)
         """
         self._check_open()
         name = check_node_path(name, str(self.path))
@@ -179,8 +227,10 @@ class Writer:
         if layout not in LAYOUTS:
             raise WriterError(f"{self.path}:{name}: layout must be one of {LAYOUTS}, not {layout!r} [ATTN-SITE-001]")
         site_attrs = {**_DEFAULT_SITE_ATTRS, "layout": layout, **dict(attrs or {})}
+        _complete_reduced_attrs(f"{self.path}:{name}", layout, dict(sizes), variables, site_attrs)
         self.store.create_group(name, site_attrs)
-        site = SiteWriter(self, name, site_attrs, dict(sizes), variables, np.dtype(dtype), dict(coords or {}), dict(keepbits or {}))
+        site = SiteWriter(self, name, site_attrs, dict(sizes), variables, np.dtype(dtype), dict(coords or {}), dict(keepbits or {}),
+                          dict(chunks or {}))
         self.sites[name] = site
         return site
 
@@ -282,6 +332,39 @@ class Writer:
         self.close(complete=exc_type is None)
 
 
+def _complete_reduced_attrs(where: str, layout: str, sizes: dict, variables, attrs: dict) -> None:
+    """Fill in and check the attributes a top-k or statistics site needs [ATTN-TOPK-001, ATTN-STAT-003]."""
+    if layout not in ("topk", "statistics"):
+        return
+    names = list(variables) if variables is not None else list(TOPK_VARIABLES if layout == "topk" else ())
+    needed = _MAP_DIMS[layout]
+    if any(d not in sizes for d in needed):
+        rule = "ATTN-TOPK-001" if layout == "topk" else "ATTN-STAT-001"
+        raise WriterError(f"{where}: a {layout} site needs dimensions {needed} in sizes [{rule}]")
+    if layout == "topk":
+        rank = sizes["rank"]
+        attrs.setdefault("top_k", rank)
+        if not isinstance(attrs["top_k"], (int, np.integer)) or attrs["top_k"] != rank:
+            raise WriterError(f"{where}: top_k is {attrs['top_k']!r}, but the rank dimension has size {rank} [ATTN-TOPK-001]")
+    if "key" in sizes:
+        attrs.setdefault("key_count", sizes["key"])
+    count = attrs.get("key_count")
+    if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 1:
+        raise WriterError(f"{where}: a {layout} site needs key_count, the number of keys a row ranges over (a positive integer), "
+                          f"in attrs or as the size of 'key'; it is {count!r} [ATTN-{'TOPK-001' if layout == 'topk' else 'STAT-002'}]")
+    if "key" in sizes and count != sizes["key"]:
+        raise WriterError(f"{where}: key_count is {count}, but the key coordinates cover {sizes['key']} keys")
+    attrs["key_count"] = int(count)
+    if layout == "topk":
+        attrs["top_k"] = int(attrs["top_k"])
+    if layout == "statistics" and "local_weight" in names:
+        window = attrs.get("local_window")
+        if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 0:
+            raise WriterError(f"{where}: local_weight needs the site attribute local_window (a non-negative integer), "
+                              f"not {window!r} [ATTN-STAT-003]")
+        attrs["local_window"] = int(window)
+
+
 class SiteWriter:
     """Writes the variables of one attention site; made by :meth:`Writer.create_site`.
 
@@ -297,8 +380,11 @@ class SiteWriter:
     ({'layer': 2, 'query': 3, 'key': 3}, {'layer': [0, 1]})
     """
 
-    def __init__(self, writer, name, attrs, sizes, variables, dtype, coords, keepbits):
+    def __init__(self, writer, name, attrs, sizes, variables, dtype, coords, keepbits, chunks=None):
         self.writer, self.name, self.dtype, self.keepbits = writer, name, dtype, keepbits
+        self.attrs = dict(attrs)
+        self.dtypes: dict[str, np.dtype] = {}  # variable -> storage dtype
+        self._coord_chunks = dict(chunks or {})
         self.store: StreamingStore = writer.store
         self.where = f"{writer.path}:{name}"
         self._coordinates_of: dict[str, str] = {}  # variable -> its "coordinates" attribute
@@ -308,9 +394,10 @@ class SiteWriter:
         if unknown:
             raise WriterError(f"{self.where}: unknown dimensions {unknown}; attention dimensions are {ATTENTION_DIMS} [ATTN-DIM-001]")
         layout = attrs["layout"]
-        needed = ("query", "key") if layout == "dense" else ("edge",)
+        needed = _MAP_DIMS[layout]
         if any(d not in sizes for d in needed):
-            raise WriterError(f"{self.where}: a {layout} site needs dimensions {needed} in sizes [ATTN-DIM-003]")
+            rule = {"topk": "ATTN-TOPK-001", "statistics": "ATTN-STAT-001"}.get(layout, "ATTN-DIM-003")
+            raise WriterError(f"{self.where}: a {layout} site needs dimensions {needed} in sizes [{rule}]")
         declared = canonical_dims(sizes)
         self.sizes = {dim: int(sizes[dim]) for dim in declared}
         self.growing = {dim for dim in declared if dim in LEADING_DIMS and (dim == "step" or self.sizes[dim] == 0)}
@@ -319,13 +406,34 @@ class SiteWriter:
         self.labels: dict[str, list] = {}
         self.coord_dims: dict[str, tuple[str, ...]] = {}
         self._write_coords(coords)
+        if variables is None:
+            if layout == "statistics":
+                raise WriterError(f"{self.where}: name the statistics to store: variables=({', '.join(map(repr, STATISTICS))}) or some of them [ATTN-STAT-001]")
+            variables = TOPK_VARIABLES if layout == "topk" else ("weights",)
         if isinstance(variables, Mapping):
-            requested = {var: canonical_dims(dims) if dims else declared for var, dims in variables.items()}
+            requested = {var: canonical_dims(dims) if dims else variable_dims(layout, var, declared) for var, dims in variables.items()}
         else:
-            requested = {var: declared for var in variables}
+            requested = {var: variable_dims(layout, var, declared) for var in variables}
+        allowed = _LAYOUT_VARIABLES.get(layout)
+        if allowed is not None and any(var not in allowed for var in requested):
+            rule = "ATTN-TOPK-001" if layout == "topk" else "ATTN-STAT-001"
+            raise WriterError(f"{self.where}: a {layout} site holds {', '.join(allowed)}, not {sorted(set(requested) - set(allowed))}; "
+                              f"attach other variables with add_variable() [{rule}]")
         self.dims: dict[str, tuple[str, ...]] = {}
         for variable, dims in requested.items():
-            self._create_array(variable, dims, self.dtype, fill_value=np.nan, attrs=self._lossy_attrs(variable))
+            attrs = self._lossy_attrs(variable)
+            if layout in ("topk", "statistics") and variable != "weights":
+                attrs["role"] = "per_query"
+            if layout == "statistics" and variable == "entropy":
+                attrs["units"] = "nat"
+            if variable in INTEGER_VARIABLES and layout in ("topk", "statistics"):
+                integer, fill = INTEGER_VARIABLES[variable]
+                attrs.pop("lossy_method", None), attrs.pop("lossy_keepbits", None)
+                self._create_array(variable, dims, np.dtype(integer), fill_value=fill, attrs=attrs)
+                self.dtypes[variable] = np.dtype(integer)
+            else:
+                self._create_array(variable, dims, self.dtype, fill_value=np.nan, attrs=attrs)
+                self.dtypes[variable] = self.dtype
 
     # -- declaration -------------------------------------------------------------------------
     def _write_coords(self, coords: Mapping) -> None:
@@ -348,7 +456,8 @@ class SiteWriter:
             self._check_name(name)
             self.coord_dims[name] = dims
             dtype = str if values.dtype.kind in "OUT" else values.dtype
-            self._new_array(name, values.shape, dims, dtype, fill_value=None, chunks=values.shape or None)
+            chunk_shape = tuple(self._coord_chunks.get(name, values.shape)) or None
+            self._new_array(name, values.shape, dims, dtype, fill_value=None, chunks=chunk_shape)
             if values.size:
                 self.store.write_all(f"{self.name}/{name}", values)
         if "step" in self.sizes:
@@ -391,8 +500,14 @@ class SiteWriter:
             self._group_coordinates = False
 
     @staticmethod
-    def _chunks(dims, shape, separate=()):
-        chunks = map_chunks(dims, shape, separate)
+    def _chunks(dims, shape, separate=(), widths=None):
+        chunks = list(map_chunks(dims, shape, separate))
+        # A dimension written a span at a time (a batch of samples): chunks that divide the span,
+        # or whole spans, so that a write covers whole chunks and never merges into a chunk an
+        # earlier batch wrote.
+        for dim, width in (widths or {}).items():
+            position = dims.index(dim)
+            chunks[position] = _aligned(chunks[position], width)
         # An appendable dimension: chunk it by one step, so appending never rewrites a chunk.
         return tuple(1 if d == "step" else c for d, c in zip(dims, chunks))
 
@@ -437,8 +552,11 @@ class SiteWriter:
         """Write ``values`` into ``variable`` at the map(s) picked by ``selection``.
 
         ``selection`` picks one label per leading dimension (``layer=3``, ``head=0``,
-        ``step=1200``, ``sample=1``); ``values`` covers every dimension not picked, in canonical
-        order. A ``step`` label greater than every step so far appends a step.
+        ``step=1200``, ``sample=1``), or a span of positions as a ``slice`` (``sample=slice(64,
+        96)``: a batch of 32 samples written at samples 64 to 95, its axis kept in ``values``);
+        ``values`` covers every dimension not picked by a label, in canonical order. A ``step``
+        label greater than every step so far appends a step. Values are stored as the variable's
+        dtype (:attr:`dtypes`).
 
         Examples
         --------
@@ -457,32 +575,89 @@ class SiteWriter:
         extra = [d for d in selection if d not in dims]
         if extra:
             raise WriterError(f"{self.where}/{variable}: cannot select {extra}; its dimensions are {dims}")
-        for dim in self.growing & set(selection):
+        spans = {dim: label for dim, label in selection.items() if isinstance(label, slice)}
+        for dim in self.growing & (set(selection) - set(spans)):
             if selection[dim] not in self.labels[dim]:
                 self.append_label(dim, selection[dim])
         region = []
         for dim in dims:
-            if dim in selection:
+            if dim in spans:
+                region.append(self._span(variable, dim, spans[dim]))
+            elif dim in selection:
                 region.append(self._position(variable, dim, selection[dim]))
             else:
                 region.append(slice(None))
-        expected = tuple(self.sizes[d] for d in dims if d not in selection)
-        values = np.asarray(values, dtype=self.dtype)
+        expected = tuple(part.stop - part.start if dim in spans else self.sizes[dim]
+                         for dim, part in zip(dims, region) if dim not in selection or dim in spans)
+        values = np.asarray(values)
+        if self.dtypes[variable].kind != "f" and values.dtype.kind == "f":
+            values = np.where(np.isnan(values), -1, values)  # NaN (no key) is -1 in an index
+        values = values.astype(self.dtypes[variable], copy=False)
+        where = ", ".join(f"{d}={_shown(selection[d])}" for d in selection)
         if values.shape != expected:
-            where = ", ".join(f"{d}={selection[d]}" for d in selection)
             raise WriterError(
                 f"{self.where}/{variable} [{where}]: values have shape {values.shape}, expected {expected} "
-                f"for dimensions {tuple(d for d in dims if d not in selection)}"
+                f"for dimensions {tuple(d for d in dims if d not in selection or d in spans)}"
             )
         if variable in self.keepbits and values.dtype.kind == "f":
             values = bitround(values, self.keepbits[variable])
         if variable not in self._fitted and is_map(dims):
             # The first write shows how the caller writes: chunks then hold what one write covers
             # (grouped up to the minimum chunk size), so later writes rarely merge into a chunk.
-            self.store.rechunk(f"{self.name}/{variable}", self._chunks(dims, tuple(self.sizes[d] for d in dims), separate=tuple(selection)))
+            separate = tuple(d for d in selection if d not in spans)
+            widths = {dim: part.stop - part.start for dim, part in zip(dims, region) if dim in spans}
+            self.store.rechunk(f"{self.name}/{variable}", self._chunks(dims, tuple(self.sizes[d] for d in dims), separate=separate, widths=widths))
         self._fitted.add(variable)
-        where = ", ".join(f"{d}={selection[d]}" for d in selection)
         self.store.write(f"{self.name}/{variable}", tuple(region), values, f"{self.where}/{variable} [{where}]")
+
+    def write_coordinate(self, name: str, values, **selection) -> None:
+        """Write part of a coordinate declared with ``create_site(coords=...)``.
+
+        ``selection`` picks positions as in :meth:`write` (``sample=slice(64, 96)``): a batch's
+        labels, masks or positions written where its samples go.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, pathlib, attnformat
+        >>> writer = attnformat.Writer(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+        >>> site = writer.create_site("self", sizes={"sample": 4, "query": 2, "key": 2},
+        ...                           coords={"query_mask": (("sample", "query"), np.zeros((4, 2), bool))})
+        >>> site.write_coordinate("query_mask", np.ones((2, 2), bool), sample=slice(2, 4))
+        """
+        self.writer._check_open()
+        if name not in self.coord_dims:
+            raise WriterError(f"{self.where}: no coordinate {name!r}; declared: {', '.join(self.coord_dims)}")
+        dims = self.coord_dims[name]
+        extra = [d for d in selection if d not in dims]
+        if extra:
+            raise WriterError(f"{self.where}/{name}: cannot select {extra}; its dimensions are {dims}")
+        region, expected = [], []
+        for dim in dims:
+            if dim in selection and isinstance(selection[dim], slice):
+                part = self._span(name, dim, selection[dim])
+                region.append(part)
+                expected.append(part.stop - part.start)
+            elif dim in selection:
+                region.append(self._position(name, dim, selection[dim]))
+            else:
+                region.append(slice(None))
+                expected.append(self.sizes[dim])
+        values = np.asarray(values)
+        where = ", ".join(f"{d}={_shown(selection[d])}" for d in selection)
+        if values.shape != tuple(expected):
+            raise WriterError(f"{self.where}/{name} [{where}]: values have shape {values.shape}, expected {tuple(expected)}")
+        if values.dtype.kind in "OUT":
+            values = values.astype(object)
+        self.store.write(f"{self.name}/{name}", tuple(region), values, f"{self.where}/{name} [{where}]")
+
+    def _span(self, variable: str, dim: str, span: slice) -> slice:
+        """Positions ``[start, stop)`` of a ``slice`` selection, inside the dimension."""
+        if dim in self.growing:
+            raise WriterError(f"{self.where}/{variable}: {dim} grows label by label; select one {dim} at a time, not {_shown(span)}")
+        start, stop, step = span.indices(self.sizes[dim])
+        if step != 1 or stop <= start or (span.stop is not None and span.stop > self.sizes[dim]):
+            raise WriterError(f"{self.where}/{variable}: {dim}={_shown(span)} is not a span of positions inside 0..{self.sizes[dim] - 1}")
+        return slice(start, stop)
 
     def _position(self, variable: str, dim: str, label) -> int:
         labels = self.labels.get(dim)
@@ -528,6 +703,27 @@ class SiteWriter:
             if dim in dims:
                 self.store.resize(f"{self.name}/{name}", tuple(self.sizes[d] for d in dims))
         self.store.write(f"{self.name}/{dim}", (len(labels) - 1,), np.asarray(label), f"{self.where}/{dim} [{dim}={label!r}]")
+
+
+def _aligned(chunk: int, width: int) -> int:
+    """A chunk length near ``chunk`` for a dimension written ``width`` entries at a time: a
+    multiple of ``width`` when ``chunk`` is at least that, else the smallest divisor of ``width``
+    from ``chunk`` on.
+
+    Examples
+    --------
+    >>> _aligned(40, 32), _aligned(100, 32), _aligned(5, 32), _aligned(1, 32)
+    (32, 96, 8, 1)
+    """
+    if chunk >= width:
+        return width * (chunk // width)
+    return next(d for d in range(max(1, chunk), width + 1) if width % d == 0)
+
+
+def _shown(label) -> str:
+    if isinstance(label, slice):
+        return f"{label.start or 0}:{label.stop if label.stop is not None else ''}"
+    return str(label)
 
 
 def _split_coord_spec(name: str, spec) -> tuple[tuple[str, ...], np.ndarray]:

@@ -7,7 +7,11 @@ Prints, from one run on this machine:
 
    - ``npy``: ``np.load`` of the map, then ``imshow`` + ``colorbar`` + ``savefig`` (the baseline);
    - ``cli``: ``attnformat plot FILE heatmap --layer L --head H -o x.png``;
-   - ``python``: ``from attnformat.viewer import heatmap; heatmap(FILE, layer=L, head=H)`` + ``savefig``.
+   - ``python``: ``from attnformat.viewer import heatmap; heatmap(FILE, layer=L, head=H)`` + ``savefig``;
+   - ``unchecked``: the ``cli`` command with no verdict memo (``ATTNFORMAT_CACHE_DIR=none``), so that
+     every run plots a file version never checked on this machine (a file straight from a
+     collaborator): its metadata rules are checked on the raw consolidated JSON
+     (:mod:`attnformat.metadata_rules`) before the direct road draws.
 
    For each: the median wall time and the median CPU time (user + system, of the child, from
    ``getrusage``), and the ratios to ``npy``. The target is at most 1.5x. Before the rounds one
@@ -121,19 +125,22 @@ def fresh_processes(folder: Path, path: Path, npy: Path, rounds: int, bytecode_a
     run(commands["npy"], env)  # page cache and bytecode for everyone
     run(commands["cli"], {**env, "ATTNFORMAT_CACHE_DIR": "none"})  # bytecode of the general road; no verdict kept
     first = run(commands["cli"], env)
-    print(f"first plot of a file version (validates, remembers the verdict): wall {first[0]:.2f} s, CPU {first[1]:.2f} s")
+    print(f"first plot of a file version (no verdict remembered yet): wall {first[0]:.2f} s, CPU {first[1]:.2f} s")
     run(commands["python"], env)
+    commands["unchecked"] = commands["cli"]
+    envs = {name: env for name in commands}
+    envs["unchecked"] = {**env, "ATTNFORMAT_CACHE_DIR": "none"}  # never a remembered verdict
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for round_ in range(rounds):
         order = list(commands) if round_ % 2 == 0 else list(reversed(commands))
         for name in order:
-            times[name].append(run(commands[name], env))
+            times[name].append(run(commands[name], envs[name]))
     wall = {name: statistics.median(t[0] for t in values) for name, values in times.items()}
     cpu = {name: statistics.median(t[1] for t in values) for name, values in times.items()}
     print(f"\nfresh process, one {LAYERS}x{HEADS} file's map (layer {LAYER}, head {HEAD}); medians of {rounds} alternating rounds")
-    print(f"{'':8} {'wall s':>8} {'CPU s':>8} {'wall ratio':>11} {'CPU ratio':>10}")
+    print(f"{'':9} {'wall s':>8} {'CPU s':>8} {'wall ratio':>11} {'CPU ratio':>10}")
     for name in commands:
-        print(f"{name:8} {wall[name]:8.2f} {cpu[name]:8.2f} {wall[name] / wall['npy']:10.2f}x {cpu[name] / cpu['npy']:9.2f}x")
+        print(f"{name:9} {wall[name]:8.2f} {cpu[name]:8.2f} {wall[name] / wall['npy']:10.2f}x {cpu[name] / cpu['npy']:9.2f}x")
     print("target: at most 1.5x the npy script")
 
 

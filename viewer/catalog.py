@@ -54,6 +54,57 @@ def _pairwise(site) -> bool:
     return _dense_weights(site) and any(v.attrs.get("role") == "pairwise" for v in site.data_vars.values())
 
 
+def _topk(site) -> bool:
+    return site.attrs.get("layout") == "topk" and "weights" in site.data_vars and "key_index" in site.data_vars
+
+
+def _statistics(site) -> bool:
+    return site.attrs.get("layout") == "statistics" and any(
+        name in site.data_vars for name in ("entropy", "max_weight", "sink_weight", "local_weight", "top_key"))
+
+
+def _layers(site, most: int = 8) -> list:
+    """Layer labels of a site (its first ``most``), or [None] without a layer dimension."""
+    if "layer" not in site.sizes:
+        return [None]
+    values = site.coords["layer"].values.tolist() if "layer" in site.coords else list(range(site.sizes["layer"]))
+    return values[:most]
+
+
+def _topk_report(site) -> list:
+    items = []
+    for layer in _layers(site):
+        where = f"layer {layer}: " if layer is not None else ""
+        items.append((f"{where}top-{site.attrs.get('top_k', '')} map, mean over heads (not kept: own colour)",
+                      [f"layer{layer}" if layer is not None else ""], {"layer": layer}))
+    return items
+
+
+def _row_profile_report(site) -> list:
+    layer = _layers(site, 1)[0]
+    return [(f"{f'layer {layer}: ' if layer is not None else ''}last row's kept weights and omitted mass, mean over heads",
+             [f"layer{layer}" if layer is not None else ""], {"layer": layer})]
+
+
+def _overview_report(site) -> list:
+    drawable = [name for name in ("entropy", "max_weight", "sink_weight", "local_weight") if name in site.data_vars]
+    if "top_key" in site.data_vars:
+        drawable.append("top_key_offset")
+    return [(f"{name.replace('_', ' ')} per layer and head, mean over rows", [name], {"statistic": name})
+            for name in drawable]
+
+
+def _profile_report(site) -> list:
+    drawable = [name for name in ("sink_weight", "entropy", "local_weight", "max_weight") if name in site.data_vars]
+    return [(f"{name.replace('_', ' ')} per query row, every layer (mean over heads)", [name], {"statistic": name})
+            for name in drawable[:2]]
+
+
+def _top_key_report(site) -> list:
+    return [(f"{f'layer {layer}: ' if layer is not None else ''}top key per query row, every head",
+             [f"layer{layer}" if layer is not None else ""], {"layer": layer}) for layer in _layers(site, 4)]
+
+
 def _square_self(site) -> bool:
     return (_dense_weights(site) and site.attrs.get("attention_type", "self") == "self"
             and site.sizes.get("query") == site.sizes.get("key") and _has_dim(site, "layer"))
@@ -67,7 +118,9 @@ class PlotKind:
     ``attnformat.viewer``), imported on first use. ``scope`` is ``"site"`` (drawn from one site)
     or ``"file"`` (needs several sites, like the flow). ``reads_path`` says that the function
     draws from a path by itself (reading only what it shows), so the command line hands it the
-    path rather than an opened tree.
+    path rather than an opened tree. ``report``, when set, says which plots of this kind a report
+    draws for a site it applies to: ``report(site)`` returns ``(caption, file-name parts, options)``
+    triples (options as :func:`plot` takes them, without ``site``).
     """
 
     name: str
@@ -76,6 +129,7 @@ class PlotKind:
     applies: Callable
     scope: str = "site"
     reads_path: bool = False
+    report: Callable | None = None
 
     @property
     def function(self) -> Callable:
@@ -111,9 +165,9 @@ PLOT_KINDS: dict[str, PlotKind] = {kind.name: kind for kind in (
     PlotKind("heatmap", "heatmaps:heatmap", "one map (a head or the mean/max over heads); edges are densified",
              lambda s: _dense(s) or _edge(s), reads_path=True),
     PlotKind("head-grid", "grids:head_grid", "every head of a layer on one colour scale (--by-group for frame x frame)",
-             lambda s: _has_dim(s, "head") and (_dense(s) or _edge(s))),
+             lambda s: _has_dim(s, "head") and (_dense(s) or _edge(s) or _topk(s))),
     PlotKind("layer-comparison", "grids:layer_comparison", "one head or the head mean in every layer",
-             lambda s: _has_dim(s, "layer") and (_dense(s) or _edge(s))),
+             lambda s: _has_dim(s, "layer") and (_dense(s) or _edge(s) or _topk(s))),
     PlotKind("step-comparison", "grids:step_comparison", "one layer and head at every stored training step",
              lambda s: _has_dim(s, "step") and (_dense(s) or _edge(s))),
     PlotKind("flow", "grids:attention_flow", "encoder self, decoder self and cross-attention side by side", _flow_applies, "file"),
@@ -139,6 +193,17 @@ PLOT_KINDS: dict[str, PlotKind] = {kind.name: kind for kind in (
              lambda s: _dense(s) or _edge(s)),
     PlotKind("top-pairs", "statistics:top_pairs_plot", "the top-k query -> key pairs", lambda s: _dense(s) or _edge(s)),
     PlotKind("rollout", "rollout:rollout_map", "attention rollout across layers (Abnar & Zuidema)", _square_self),
+    PlotKind("topk-heatmap", "topk:topk_heatmap", "a top-k site's sparse map: kept weights, not-kept pairs in their own colour",
+             _topk, report=_topk_report),
+    PlotKind("row-profile", "topk:row_profile", "kept weights of chosen query rows (--query) and the mass left out",
+             _topk, report=_row_profile_report),
+    PlotKind("statistics-overview", "row_statistics:statistics_overview",
+             "layer x head map of a stored per-row statistic (--statistic), mean over rows", _statistics,
+             report=_overview_report),
+    PlotKind("statistics-profile", "row_statistics:statistics_profile",
+             "a stored statistic (--statistic) along the query rows, per layer", _statistics, report=_profile_report),
+    PlotKind("top-key", "row_statistics:top_key_plot", "each query row's top key per head (--offset: query - key)",
+             lambda s: s.attrs.get("layout") == "statistics" and "top_key" in s.data_vars, report=_top_key_report),
 )}
 
 

@@ -74,7 +74,7 @@ def _add_plot(subparsers, help: str):  # noqa: A002
         selectors.add_argument(f"--{name}", type=_selector, help=f"{name} label or index" +
                                (", or mean/max" if name in ("layer", "head", "sample") else ""))
     selectors.add_argument("--query", type=_selector, action="append",
-                           help="query label or index (repeat for several: query-profiles, group-bars)")
+                           help="query label or index (repeat for several: query-profiles, group-bars, row-profile)")
     selectors.add_argument("--query-group", type=_selector, action="append", dest="query_groups",
                            help="query group(s) of the block in group-bars (default: the last group)")
     options = parser.add_argument_group("options")
@@ -100,6 +100,12 @@ def _add_plot(subparsers, help: str):  # noqa: A002
     options.add_argument("--scale", choices=("auto", "symmetric", "one-sided"),
                          help="signed data: symmetric about 0, one-sided over the data, or auto (symmetric only "
                               "when the data have both signs)")
+    options.add_argument("--statistic", choices=("entropy", "max_weight", "sink_weight", "local_weight", "top_key_offset"),
+                         help="statistics-overview/-profile: the stored statistic to draw")
+    options.add_argument("--offset", action="store_true", default=None,
+                         help="top-key: draw query position minus top-key position")
+    options.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=None,
+                         help="statistics-overview: write each cell's value (default: when the cells are large enough)")
     options.add_argument("--title", help="figure title (default: site, selection and variable)")
     options.add_argument("--figsize", type=float, nargs=2, metavar=("WIDTH", "HEIGHT"),
                          help="figure size in inches (default: sized to the panels and labels)")
@@ -140,7 +146,8 @@ _ADDERS = {"plot": _add_plot, "report": _add_report, "stats": _add_stats}
 
 _PLOT_OPTIONS = ("site", "layer", "head", "sample", "step", "time", "node", "variable", "cmap", "vmin", "vmax", "log",
                  "center", "origin", "by_group", "aggregate", "pool", "max_size", "k", "threshold", "bins", "pairwise",
-                 "over", "query_groups", "last", "per_panel", "scale", "title", "figsize")
+                 "over", "query_groups", "last", "per_panel", "scale", "title", "figsize", "statistic", "offset",
+                 "annotate")
 
 
 def run_plot(args) -> int:

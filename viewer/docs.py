@@ -143,6 +143,13 @@ register(
         center : float, optional
             Centre of a diverging scale (default 0 for signed variables).
     """,
+    color_limits="""
+        cmap : str or matplotlib.colors.Colormap, optional
+            Colormap; defaults to ``viridis``.
+        vmin, vmax : float, optional
+            Colour limits. Given limits always win over the data's range; see
+            :func:`attnformat.viewer.colors.color_scale` for the rule when one or neither is given.
+    """,
     origin="""
         origin : {"upper", "lower"}, default "upper"
             ``"upper"`` puts the first query at the top, ``"lower"`` at the bottom.

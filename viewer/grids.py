@@ -50,11 +50,13 @@ def _draw_panels(panels, maps, *, axes, steps, cmap, norm, origin):
                          key_labels=key_labels if panel.key_labels else (), origin=origin,
                          xlabel=xlabel if panel.xlabel else "", ylabel=ylabel if panel.ylabel else "",
                          title=panel.title, steps=steps(values))
-        # Panels that leave their labels to a neighbour show no tick labels at all (not positions).
+        # Panels that leave their labels to a neighbour show no ticks at all: unlabelled marks at
+        # a default locator's positions (0, 20, 40...) say nothing about tokens, and every Tick
+        # costs Matplotlib about a millisecond to build (a third of a 12-head grid's ticks were these).
         if not panel.query_labels:
-            ax.tick_params(labelleft=False)
+            ax.set_yticks([])
         if not panel.key_labels:
-            ax.tick_params(labelbottom=False)
+            ax.set_xticks([])
     return image
 
 

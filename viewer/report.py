@@ -21,12 +21,15 @@ validating it again (this process validates it before any plot is handed out), a
 that fits in :data:`PRELOAD_BYTES` into memory once, so plots of one site share one read; this
 process does the same. The statistics are computed once,
 here, while the helpers draw, and serve the findings, ``stats.json`` and ``summary.md``. PNG files
-are rasterised once (no trial draw for a tight crop) and written with fast zlib settings.
+are rasterised once (no trial draw for a tight crop) and written with fast zlib settings. Grids
+of maps are drawn first and single plots last (:func:`_drawing_order`), so that no process waits
+long for another's last item.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -132,6 +135,12 @@ def _plan_site(plan: _Plan, tree, site) -> None:
     name = site_name(site)
     kinds = catalog.PLOT_KINDS
     applies = {kind: entry.applies(site) for kind, entry in kinds.items() if entry.scope == "site"}
+    # Kinds that say which of their plots a report shows (top-k and statistics sites' kinds, see PlotKind.report).
+    for kind, entry in kinds.items():
+        if entry.scope == "site" and entry.report is not None and applies[kind]:
+            for caption, parts, options in entry.report(site):
+                plan.add(name, caption, [name, kind, *parts], kind,
+                         {"site": name, **{key: value for key, value in options.items() if value is not None}})
     layers = _values(site, "layer")
     main = catalog.main_variable(site)
     if main is None:
@@ -301,7 +310,10 @@ def _drawn_part(pixels: np.ndarray, figure, pad: int) -> np.ndarray | None:
     expected = np.round(np.asarray(matplotlib.colors.to_rgba(figure.get_facecolor())) * 255)
     if background[3] != 255 or np.abs(background.astype(float) - expected).max() > 1:
         return None
-    drawn = np.any(pixels != background, axis=-1)
+    # One 32-bit comparison per pixel instead of four byte comparisons and a reduction over them:
+    # about a twentieth of the time (0.3 s on a 20 x 16 inch grid at 90 dpi, measured).
+    packed = np.ascontiguousarray(pixels).view(np.uint32)[..., 0]
+    drawn = packed != packed[0, 0]
     rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
     height, width = drawn.shape
     if not rows.size or rows[0] == 0 or cols[0] == 0 or rows[-1] == height - 1 or cols[-1] == width - 1:
@@ -392,15 +404,24 @@ def _draw_in_worker(draw: Callable, kind: str, options: dict, path: str, dpi: fl
 
 
 #: What every drawing process needs before its first plot, imported once by the fork server.
+#: ``attnformat.engines.zarr`` opens the file in each helper (it is imported on first open).
 _PRELOAD = ("numpy", "matplotlib", "matplotlib.pyplot", "matplotlib.backends.backend_agg", "PIL.Image",
-            "PIL.PngImagePlugin", "xarray", "zarr", "attnformat.reading", "attnformat.viewer.report")
+            "PIL.PngImagePlugin", "xarray", "zarr", "attnformat.reading", "attnformat.engines.zarr",
+            "attnformat.viewer.report")
 
 
 def _preload_modules() -> list[str]:
-    """:data:`_PRELOAD` and the module of every plot kind (the catalog imports them on first use)."""
+    """:data:`_PRELOAD`, ``dask.array`` where installed, and the module of every plot kind (the
+    catalog imports them on first use).
+
+    Why ``dask.array``: xarray imports it (when installed) the first time it builds a variable,
+    to recognise dask arrays, so each helper opening the file spent about a second of CPU (with
+    SciPy's FFT modules, measured) importing it before its first plot.
+    """
     kinds = {f"attnformat.viewer.{entry.target.partition(':')[0]}" for entry in catalog.PLOT_KINDS.values()
              if isinstance(entry.target, str)}
-    return [*_PRELOAD, *sorted(kinds)]
+    optional = [name for name in ("dask.array",) if importlib.util.find_spec(name.partition(".")[0]) is not None]
+    return [*_PRELOAD, *optional, *sorted(kinds)]
 
 
 try:  # where processes can receive file descriptors (Linux, macOS): forkserver
@@ -475,6 +496,42 @@ def _pool(helpers: int, location: Location) -> ProcessPoolExecutor:
                                initializer=_start_worker, initargs=(location, style))
 
 
+#: Plot kinds that draw a grid of maps: several times the work of one map (a 12-head grid takes
+#: about three times as long as one heatmap, measured).
+_GRID_KINDS = frozenset({"head-grid", "layer-comparison", "step-comparison", "image-grid", "flow"})
+
+
+def _drawing_order(items) -> list[int]:
+    """The order to draw ``items`` in (indices), so that the processes finish together.
+
+    Helpers take items from the front of this order and the report's own process from the back;
+    whoever finds nothing left waits for the others' last items. So the grids of maps (the long
+    items) go to both ends and single plots to the middle: the last items drawn are short ones,
+    instead of a process waiting seconds for another's last two 12-head grids (measured: 5.6 s of
+    a 31 s report on two processes in the order of the page). Items of one weight keep the
+    page's order. The files written do not depend on the order.
+
+    Parameters
+    ----------
+    items : list of ReportItem
+        The planned plots (:func:`plan_report`).
+
+    Returns
+    -------
+    list of int
+
+    Examples
+    --------
+    >>> items = [ReportItem("s", "", f"p{i}", kind, {}) for i, kind in enumerate(["heatmap", "head-grid", "stats", "head-grid"])]
+    >>> _drawing_order(items)
+    [1, 0, 2, 3]
+    """
+    long = [index for index, item in enumerate(items) if item.kind in _GRID_KINDS]
+    short = [index for index, item in enumerate(items) if item.kind not in _GRID_KINDS]
+    front, back = long[0::2], long[1::2]
+    return front + short + back[::-1]
+
+
 class _Drawing:
     """Every item drawn once: by this process and ``workers - 1`` helper processes.
 
@@ -498,7 +555,7 @@ class _Drawing:
         self.tree, self.items, self.dpi, self.bar, self.draw, self.steal = tree, items, dpi, bar, draw, steal
         self.paths = [out_dir / f"{item.stem}.png" for item in items]
         self.lock = threading.Lock()
-        self.queue = collections.deque(range(len(items)))
+        self.queue = collections.deque(_drawing_order(items))
         self.stop = threading.Event()
         self.broken: list[int] = []
         self.failure: BaseException | None = None

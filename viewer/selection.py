@@ -43,7 +43,7 @@ from attnformat import resolving
 from attnformat.conventions import ATTENTION_VARIABLES, LABEL_COORDS, MASK_COORDS, ROOT_COMPLETENESS, is_site
 from attnformat.engines import Location
 from attnformat.errors import AttnFormatError, NonConformingError, SelectionError, UnreadableFileError
-from attnformat.verdicts import known_conforming, remember_conforming, version_of
+from attnformat.verdicts import may_read_directly, remember_conforming, version_of
 
 #: Dimensions a selector can fix or reduce (the leading dimensions of the spec).
 SELECTABLE_DIMS = ("step", "sample", "layer", "head", "time", "node")
@@ -275,7 +275,7 @@ def _direct_site(source, site: str | None) -> _DirectSite | None:
     from attnformat.engines.direct import open_direct
 
     store = open_direct(source)
-    if store is None or not store.sealed or not known_conforming(store.version):
+    if store is None or not may_read_directly(store):
         return None
     sites = [path for path, attrs in store.groups.items() if path and is_site(attrs)]
     if site is None:
@@ -313,7 +313,39 @@ def labels_of(site, dim: str, sample: int | None = None) -> list[str]:
         return [str(v) for v in labels]
     if dim in view.coords:
         return [str(v) for v in view.values(dim)]
+    if dim == "key" and "key" not in view.sizes:  # a top-k or statistics site without key coordinates
+        return [str(i) for i in range(key_count(view))]
     return [str(i) for i in range(view.sizes[dim])]
+
+
+def first_generated(site, dim: str = "query", sample: int | None = None, index=None) -> int | None:
+    """Position of the first generated token along ``query`` or ``key`` (``*_generation_step`` >= 0), or None.
+
+    ``index`` lists the positions drawn (after padding is dropped): the result is then a position
+    among them. Figures draw a line there, between the prompt and the generated tokens.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> first_generated(resolve_site(attnformat.example_path("generation")))
+    3
+    >>> first_generated(resolve_site(attnformat.example_path("dense"))) is None
+    True
+    """
+    from attnformat.conventions import GENERATION_STEP_COORDS
+
+    view = _view(site)
+    name = GENERATION_STEP_COORDS[dim]
+    if name not in view.coords:
+        return None
+    steps = view.values(name)
+    if "sample" in view.dims(name):
+        steps = np.take(steps, sample or 0, axis=view.dims(name).index("sample"))
+    steps = np.asarray(steps).reshape(-1)
+    if index is not None:
+        steps = steps[np.asarray(index, dtype=np.int64)]
+    generated = np.flatnonzero(steps >= 0)
+    return int(generated[0]) if generated.size and generated[0] > 0 else None
 
 
 def position(site, dim: str, value, *, sample: int | None = None) -> int:
@@ -357,6 +389,33 @@ def _reduce(values: np.ndarray, axes: tuple[int, ...], how: str) -> np.ndarray:
 
 
 @dataclass
+class TopkDetail:
+    """What a densified top-k map knows besides its exact values (see :func:`select`).
+
+    Arrays have the selection's dimensions (``lower``, ``partial``) or those without ``key``
+    (``omitted``, ``captured``, per query row). ``lower`` is the kept part of each pair: equal to the
+    exact value where every reduced map kept the pair, and where only some did, the mean (or max)
+    with the maps that did not keep it counted as 0, a lower bound. ``partial`` marks those pairs.
+    ``omitted`` is each row's omitted mass (reduced like the weights: exact, since every map states
+    its own); ``captured`` marks rows that at least one map captured. ``maps`` is how many maps
+    were reduced (1 without a reduction).
+    """
+
+    top_k: int
+    key_count: int
+    lower: np.ndarray
+    partial: np.ndarray
+    omitted: np.ndarray | None
+    captured: np.ndarray
+    maps: int = 1
+    reduction: str = ""
+
+    def note(self) -> str:
+        """``not kept (top 4 of 10 keys per row)``: what a map's not-kept cells are."""
+        return f"not kept (top {self.top_k} of {self.key_count} keys per row)"
+
+
+@dataclass
 class Selection:
     """The values a plot draws and everything its title and axes need to say what they are.
 
@@ -383,6 +442,7 @@ class Selection:
     pooled: int = 1
     pool: str = ""
     missing_note: str | None = None
+    topk: TopkDetail | None = None
 
     @property
     def normalization(self) -> str:
@@ -411,7 +471,7 @@ class Selection:
 
 
 def select(source, variable: str = "weights", *, site: str | None = None, keep=(), drop_padding: bool = True,
-           densify: bool = True, **selectors) -> Selection:
+           densify: bool = True, rows=None, **selectors) -> Selection:
     """Select (and reduce) the values of one attention variable, reading only the chosen slice.
 
     A path is read directly, without building a tree, when the file allows it (see the module
@@ -432,6 +492,12 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
     densify
         Turn edge-layout values into a ``(query, key)`` matrix (target rows, source columns);
         pairs that are no edge are NaN (absent, never a real 0) and ``missing_note`` says so.
+        Top-k sites (``layout="topk"``) are densified the same way: ``values`` is ``(query, key)``
+        with NaN where a pair was not kept, and ``topk`` (:class:`TopkDetail`) holds the omitted
+        mass per row and, for reductions, the pairs only some maps kept.
+    rows : sequence of int, optional
+        Only these query rows (positions along ``query``), in this order; a top-k site densifies
+        only them. All rows by default.
     **selectors
         ``layer``, ``head``, ``sample``, ``step``, ``time``, ``node``: a label, an index, or
         ``"mean"``/``"max"`` to reduce. Unset, ``head`` is averaged and the others take their first
@@ -445,7 +511,8 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
     >>> chosen.values.shape, chosen.describe()
     ((6, 6), 'layer 1 | head 2')
     """
-    options = dict(variable=variable, keep=keep, drop_padding=drop_padding, densify=densify, selectors=selectors)
+    options = dict(variable=variable, keep=keep, drop_padding=drop_padding, densify=densify, selectors=selectors,
+                   rows=None if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1))
     direct = _direct_site(source, site)
     if direct is not None:
         try:
@@ -455,16 +522,25 @@ def select(source, variable: str = "weights", *, site: str | None = None, keep=(
     return _select(_TreeSite(resolve_site(source, site)), **options)
 
 
-def _select(view: _SiteView, *, variable: str, keep, drop_padding: bool, densify: bool, selectors: dict) -> Selection:
+def _select(view: _SiteView, *, variable: str, keep, drop_padding: bool, densify: bool, selectors: dict,
+            rows=None) -> Selection:
     name = view.name
     if variable not in view.data_vars:
+        hint = ""
+        if view.attrs.get("layout") == "statistics":  # no maps at all: say which plots it has
+            hint = " (a statistics site: plot kinds statistics-overview, statistics-profile, top-key)"
         raise SelectionError(f"variable {variable!r} not in file {view.source}, site {name}; "
-                             f"variables: {', '.join(view.data_vars)}")
+                             f"variables: {', '.join(view.data_vars)}{hint}")
     array_dims = view.dims(variable)
     leading = [d for d in array_dims if d in SELECTABLE_DIMS]
+    # A head-mean site (head_reduction="mean") holds the mean over heads already: head="mean" is that map.
+    stored_mean = (selectors.get("head") == "mean" and "head" not in leading
+                   and view.attrs.get("head_reduction") == "mean")
     for dim, value in selectors.items():
         if dim not in SELECTABLE_DIMS:
             raise TypeError(f"unknown selector {dim!r}; selectors: {', '.join(SELECTABLE_DIMS)}")
+        if dim == "head" and stored_mean:
+            continue
         if value is not None and dim not in leading:
             raise SelectionError(f"{dim} {value} not in file {view.source}, site {name}: "
                                  f"{variable} has no {dim} dimension; its dimensions: {', '.join(array_dims)}")
@@ -485,21 +561,150 @@ def _select(view: _SiteView, *, variable: str, keep, drop_padding: bool, densify
             fixed[dim] = position(view, dim, value, sample=fixed.get("sample"))
             described[dim] = labels_of(view, dim, fixed.get("sample"))[fixed[dim]]
     described = {dim: described[dim] for dim in leading}
-    values, dims = _read_reduced(view, variable, fixed, reductions)
+    if stored_mean or ("head" not in leading and view.attrs.get("head_reduction") == "mean"):
+        described["head"] = "mean (stored)"
+    topk = None
+    if view.attrs.get("layout") == "topk" and densify and "rank" in array_dims:
+        values, dims, topk = _read_topk(view, variable, fixed, reductions, rows)
+    else:
+        values, dims = _read_reduced(view, variable, fixed, reductions)
+        if rows is not None and "query" in dims:
+            values = np.take(values, rows, axis=dims.index("query"))
     sample = fixed.get("sample")
     chosen = Selection(values=values, dims=dims, variable=variable, site=name, source=view.source,
                        attrs=dict(view.attrs), described=described, positions=fixed,
-                       kept={d: labels_of(view, d, sample) for d in keep if d in dims})
+                       kept={d: labels_of(view, d, sample) for d in keep if d in dims}, topk=topk)
+    if topk is not None:
+        note = topk.note()
+        if topk.partial.any():  # plots that draw only the values show pairs some maps kept as absent too
+            over = " and ".join(f"{dim}s" for dim in reductions) or "maps"
+            note = f"not kept by all {topk.maps} {over} of the {topk.reduction} (top {topk.top_k} of {topk.key_count} keys per row)"
+        chosen.missing_note = note + ("; row not captured" if not topk.captured.all() else "")
     if "edge" in dims and densify:
         _densify(chosen, view)
     elif "query" in dims:
         chosen.query_labels = labels_of(view, "query", sample)
-        chosen.key_labels = labels_of(view, "key", sample)
         chosen.query_index = np.arange(len(chosen.query_labels))
-        chosen.key_index = np.arange(len(chosen.key_labels))
+        if rows is not None:
+            chosen.query_labels = [chosen.query_labels[row] for row in rows]
+            chosen.query_index = rows
+        if "key" in dims:  # per-query variables (a statistics site's entropy...) have no key axis
+            chosen.key_labels = labels_of(view, "key", sample)
+            chosen.key_index = np.arange(len(chosen.key_labels))
         if drop_padding and ("sample" in fixed or "sample" not in view.sizes):
-            _drop_padding(chosen, view, sample)
+            _drop_padding(chosen, view, sample, rows)
     return chosen
+
+
+def key_count(site) -> int:
+    """The number of keys each row of a top-k or statistics site ranges over: its ``key_count``
+    attribute, else the size of its ``key`` dimension.
+
+    Raises
+    ------
+    attnformat.SelectionError
+        When the site states neither [ATTN-TOPK-001].
+
+    Examples
+    --------
+    >>> key_count({"key_count": 12})
+    12
+    """
+    attrs = site if isinstance(site, dict) else _view(site).attrs
+    value = attrs.get("key_count")
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    view = None if isinstance(site, dict) else _view(site)
+    if view is not None and "key" in view.sizes:
+        return int(view.sizes["key"])
+    where = f"file {view.source}, site {view.name}" if view is not None else "site"
+    raise SelectionError(f"{where}: no positive integer key_count attribute and no key dimension [ATTN-TOPK-001]")
+
+
+def _read_topk(view: _SiteView, variable: str, fixed: dict, reductions: dict, rows=None):
+    """A top-k slice densified to ``(kept..., query, key)`` and reduced (see :class:`TopkDetail`).
+
+    The sparse arrays are small (k values per row), so the whole slice is read at once; maps are
+    densified one reduced index at a time, so that a head mean holds one dense map plus the sums.
+    """
+    if "key_index" not in view.data_vars:
+        raise SelectionError(f"file {view.source}, site {view.name}: top-k site without key_index [ATTN-TOPK-001]")
+    dims = [d for d in view.dims(variable) if d not in fixed]
+    if dims[-2:] != ["query", "rank"] or tuple(view.dims("key_index")) != tuple(view.dims(variable)):
+        raise SelectionError(f"file {view.source}, site {view.name}: top-k {variable} and key_index must have the "
+                             f"same dimensions ending (query, rank) [ATTN-TOPK-001]")
+    hows = {reductions[d] for d in dims if d in reductions}
+    if len(hows) > 1:
+        raise SelectionError(f"file {view.source}, site {view.name}: top-k maps are reduced one way at a time; "
+                             f"asked for {' and '.join(sorted(hows))}")
+    how = hows.pop() if hows else ""
+    keys = key_count(view)
+    weights = np.asarray(view.read(variable, fixed), dtype=np.float64)
+    index = np.asarray(view.read("key_index", fixed))
+    omitted = None
+    if "omitted_weight" in view.data_vars:
+        omitted = np.asarray(view.read("omitted_weight", fixed), dtype=np.float64)
+        omitted_dims = [d for d in view.dims("omitted_weight") if d not in fixed]
+        if omitted_dims != dims[:-1]:
+            omitted = None  # not aligned with the weights: the validator reports it [ATTN-TOPK-004]
+    if rows is not None:  # the sparse rows are small: read whole, densify only the chosen ones
+        weights, index = np.take(weights, rows, axis=-2), np.take(index, rows, axis=-2)
+        omitted = None if omitted is None else np.take(omitted, rows, axis=-1)
+    reduced = [d for d in dims[:-2] if d in reductions]
+    kept = [d for d in dims[:-2] if d not in reductions]
+    order = [dims.index(d) for d in reduced + kept] + [len(dims) - 2, len(dims) - 1]
+    maps = int(np.prod([view.sizes[d] for d in reduced], dtype=np.int64))
+    kept_shape = tuple(view.sizes[d] for d in kept)
+    queries = weights.shape[-2]
+    weights = weights.transpose(order).reshape((maps,) + kept_shape + weights.shape[-2:])
+    index = index.transpose(order).reshape(weights.shape)
+    if omitted is not None:
+        omitted = omitted.transpose(order[:-1]).reshape((maps,) + kept_shape + (queries,))
+    from attnformat.reductions import densify_topk
+
+    # One dense map at a time (float32 for float32 files): a head mean of 4096-token maps holds
+    # that map, the running sum and the counts, not every head.
+    dtype = np.float32 if view.dtype(variable) in (np.float16, np.float32) else np.float64
+
+    def dense_map(map_index):
+        try:
+            return densify_topk(weights[map_index].astype(dtype), index[map_index], keys)
+        except ValueError as error:  # an index outside the keys: the file breaks the spec
+            raise SelectionError(f"file {view.source}, site {view.name}: {error} [ATTN-TOPK-002]") from None
+
+    captured_count = np.zeros(kept_shape + (queries,), dtype=np.int32)
+    for map_index in range(maps):
+        captured = ~np.isnan(weights[map_index]).all(axis=-1)
+        if omitted is not None:
+            captured |= ~np.isnan(omitted[map_index])
+        captured_count += captured
+    if maps == 1:
+        values = lower = dense_map(0)
+        partial = np.zeros(values.shape, dtype=bool)
+    else:
+        lower, kept_count = None, np.zeros(kept_shape + (queries, keys), dtype=np.int32 if maps > 32767 else np.int16)
+        for map_index in range(maps):
+            dense = dense_map(map_index)
+            present = ~np.isnan(dense)
+            kept_count += present
+            if how == "max":
+                lower = dense if lower is None else np.fmax(lower, dense, out=lower)
+            else:
+                dense[~present] = 0.0
+                lower = dense if lower is None else np.add(lower, dense, out=lower)
+        captured_maps = captured_count[..., None]
+        if how != "max":  # the kept part of the mean: maps that did not keep a pair count as 0
+            lower /= np.maximum(captured_maps, 1).astype(dtype)
+            lower[kept_count == 0] = np.nan
+        exact = (kept_count > 0) & (kept_count == captured_maps)
+        partial = (kept_count > 0) & ~exact
+        values = np.where(exact, lower, np.nan).astype(dtype, copy=False)
+    reduced_omitted = None
+    if omitted is not None:
+        reduced_omitted = omitted[0] if maps == 1 else _reduce(omitted, (0,), how or "mean")
+    detail = TopkDetail(top_k=int(weights.shape[-1]), key_count=keys, lower=lower, partial=partial,
+                        omitted=reduced_omitted, captured=captured_count > 0, maps=maps, reduction=how)
+    return values, tuple(kept) + ("query", "key"), detail
 
 
 def _read_reduced(view: _SiteView, variable: str, fixed: dict, reductions: dict) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -620,15 +825,28 @@ def real_tokens(site, dim: str, sample: int | None) -> np.ndarray | None:
     return None if keep.all() else keep
 
 
-def _drop_padding(chosen: Selection, view: _SiteView, sample: int | None) -> None:
-    for dim, axis in (("query", -2), ("key", -1)):
+def _drop_padding(chosen: Selection, view: _SiteView, sample: int | None, rows=None) -> None:
+    for dim in ("query", "key"):
+        if dim not in chosen.dims:
+            continue
         keep = real_tokens(view, dim, sample)
         if keep is None:
             continue
+        if dim == "query" and rows is not None:
+            keep = keep[rows]
+        axis = chosen.dims.index(dim) - len(chosen.dims)
         chosen.values = np.compress(keep, chosen.values, axis=axis)
+        if chosen.topk is not None:
+            detail = chosen.topk
+            detail.lower = np.compress(keep, detail.lower, axis=axis)
+            detail.partial = np.compress(keep, detail.partial, axis=axis)
+            if dim == "query":  # per-row arrays have no key axis: query is their last
+                detail.captured = np.compress(keep, detail.captured, axis=-1)
+                if detail.omitted is not None:
+                    detail.omitted = np.compress(keep, detail.omitted, axis=-1)
         if dim == "query":
             chosen.query_labels = [l for l, k in zip(chosen.query_labels, keep) if k]
-            chosen.query_index = np.flatnonzero(keep)
+            chosen.query_index = np.asarray(chosen.query_index)[keep]
         else:
             chosen.key_labels = [l for l, k in zip(chosen.key_labels, keep) if k]
             chosen.key_index = np.flatnonzero(keep)

@@ -666,6 +666,13 @@ def attention_statistics(source, *, site=None, variable: str = "weights", thresh
 
 
 def _statistics(site_node, variable: str, info: Locality, queries) -> xr.Dataset:
+    if site_node.attrs.get("layout") in REDUCED_LAYOUTS:
+        layout = site_node.attrs.get("layout")
+        raise SelectionError(
+            f"file {_source_of(site_node)}, site {site_name(site_node)} is a {layout!r} site: its maps are not stored "
+            f"whole, so per-map statistics cannot be computed; statistics_summary reports what it stores"
+            + (" (plot kinds statistics-overview, statistics-profile, top-key)" if layout == "statistics"
+               else " (plot kinds topk-heatmap, row-profile)"))
     if variable not in site_node.data_vars:
         raise SelectionError(f"variable {variable!r} not in file {_source_of(site_node)}, site {site_name(site_node)}; "
                              f"variables: {', '.join(site_node.data_vars)}")
@@ -898,9 +905,22 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
     summary = {"source": str(sites[0].root.encoding.get("source", "<in-memory tree>")) if sites else "",
                "queries": "all queries", "sites": {}, "locality": {}, "constants": {}}
     for site_node in sites:
+        layout = site_node.attrs.get("layout")
+        if layout in REDUCED_LAYOUTS:
+            # What a reduced site stores is reported as stored: a statistics site's own statistics, a
+            # top-k site's exact figures (kept weights, omitted mass); nothing is recomputed or guessed.
+            name = site_name(site_node)
+            summarise = _stored_statistics_entries if layout == "statistics" else _topk_entries
+            summary["sites"][name], summary["locality"][name] = summarise(site_node, queries)
+            summary["constants"][name] = {}
+            summary.setdefault("layouts", {})[name] = layout
+            if queries is not None:
+                summary["queries"] = queries_text(site_node, queries)
+            continue
         if variable not in site_node.data_vars:
             continue
         name = site_name(site_node)
+        summary.setdefault("layouts", {})[name] = layout
         array = site_node[variable]
         names = _pairwise_names(site_node)
         info = locality(site_node, variable=variable, pairwise=pairwise if pairwise in names else None,
@@ -934,6 +954,178 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
     return summary
 
 
+# -- reduced sites: what they store ----------------------------------------------------------------
+
+#: Layouts whose maps are not stored whole (spec 1.2.0): summarised from what they store.
+REDUCED_LAYOUTS = ("topk", "statistics")
+#: Keys of a dense entry that a reduced site cannot give (they are None there), so that every entry
+#: of a summary has the same keys.
+_DENSE_KEYS = ("mean", "std", "min", "max", "entropy", "sink_score", "local_mean", "global_mean", "local_global_ratio")
+
+
+def _layer_positions(site_node) -> list:
+    if "layer" not in site_node.sizes:
+        return [(None, None)]
+    labels = site_node.coords["layer"].values if "layer" in site_node.coords else range(site_node.sizes["layer"])
+    return [(position_, int(label)) for position_, label in enumerate(labels)]
+
+
+def _head_labels(site_node) -> list:
+    return [int(h) for h in (site_node.coords["head"].values if "head" in site_node.coords else range(site_node.sizes["head"]))]
+
+
+def _rows_mask(site_node, queries, sample=None) -> np.ndarray:
+    """Which query rows count: the chosen ones, and only real tokens (not padding)."""
+    keep = np.ones(site_node.sizes["query"], dtype=bool)
+    rows = query_rows(site_node, queries, sample)
+    if rows is not None:
+        keep[:] = False
+        keep[rows] = True
+    real = real_tokens(site_node, "query", sample)
+    return keep if real is None else keep & real
+
+
+def _masked_rows(values: np.ndarray, dims, site_node, queries) -> np.ndarray:
+    """``values`` (dims ending in ``query``) with rows that do not count set to NaN (per sample when needed)."""
+    values = np.array(values, dtype=np.float64)
+    dims = list(dims)
+    per_sample = "sample" in dims and any("sample" in site_node.coords[name].dims for name in ("query_mask", "query_label")
+                                          if name in site_node.coords)
+    if per_sample:  # a view with sample first and query last: writing to it writes to values
+        moved = np.moveaxis(values, [dims.index("sample"), dims.index("query")], [0, -1])
+        for sample in range(moved.shape[0]):
+            moved[sample][..., ~_rows_mask(site_node, queries, sample)] = np.nan
+    else:
+        np.moveaxis(values, dims.index("query"), -1)[..., ~_rows_mask(site_node, queries)] = np.nan
+    return values
+
+
+def _mean(values) -> float | None:
+    return _json_number(_nan_stat(np.nanmean, values, None)) if np.size(values) else None
+
+
+def _stored_statistics_entries(site_node, queries) -> tuple[list, dict]:
+    """Per layer (and head): the stored statistics averaged over the rows that count."""
+    kind = f"{site_node.attrs.get('attention_type', 'self')}_attention"
+    stored = [name for name in ("entropy", "max_weight", "sink_weight", "local_weight", "top_key")
+              if name in site_node.data_vars]
+    entries = []
+    for layer_position, layer in _layer_positions(site_node):
+        per_name = {}
+        for name in stored:
+            array = site_node[name]
+            if layer_position is not None and "layer" in array.dims:
+                array = array.isel(layer=layer_position)
+            values = np.asarray(array.values)
+            if name == "top_key":
+                values = np.where(values < 0, np.nan, values.astype(np.float64))
+            per_name[name] = (_masked_rows(values, array.dims, site_node, queries), array.dims)
+
+        def averaged(select_head=None):
+            entry = {}
+            for name, (values, dims) in per_name.items():
+                if select_head is not None and "head" in dims:
+                    values = np.take(values, select_head, axis=list(dims).index("head"))
+                if name == "top_key":
+                    finite = values[np.isfinite(values)]
+                    entry["top_key_first"] = _json_number(np.mean(finite == 0)) if finite.size else None
+                    continue
+                entry[name] = _mean(values)
+                if name == "max_weight":
+                    entry["max"] = _json_number(_nan_stat(np.nanmax, values, None)) if np.isfinite(values).any() else None
+            first = next(iter(per_name.values()), (np.zeros(0), ()))[0]
+            entry["rows"] = int(np.isfinite(first).sum())
+            return entry
+
+        entry = {"layer": layer, "type": kind, "layout": "statistics", **dict.fromkeys(_DENSE_KEYS), **averaged()}
+        dims = site_node[stored[0]].dims if stored else ()
+        entry["shape"] = [int(site_node.sizes[d]) for d in dims if d != "layer"]
+        if stored and "head" in dims:
+            entry["heads"] = [{"head": head, **dict.fromkeys(_DENSE_KEYS), **averaged(index)}
+                              for index, head in enumerate(_head_labels(site_node))]
+        entries.append(entry)
+    window = site_node.attrs.get("local_window")
+    if "local_weight" in site_node.data_vars and window is not None:
+        info = {"kind": "token_window", "window": int(window),
+                "description": f"stored local_weight: |query - key position| <= {int(window)} (as captured)"}
+    else:
+        info = {"kind": "none", "description": "no local_weight stored"}
+    return entries, info
+
+
+def _topk_entries(site_node, queries) -> tuple[list, dict]:
+    """Per layer (and head): the exact figures of the kept weights; a layer at a time (rows x k each)."""
+    kind = f"{site_node.attrs.get('attention_type', 'self')}_attention"
+    top_k = int(site_node.attrs.get("top_k", site_node.sizes.get("rank", 0)))
+    keys = site_node.attrs.get("key_count", site_node.sizes.get("key"))
+    entries = []
+    for layer_position, layer in _layer_positions(site_node):
+        weights = site_node["weights"]
+        omitted = site_node["omitted_weight"] if "omitted_weight" in site_node.data_vars else None
+        if layer_position is not None and "layer" in weights.dims:
+            weights = weights.isel(layer=layer_position)
+            omitted = omitted.isel(layer=layer_position) if omitted is not None and "layer" in omitted.dims else omitted
+        kept = np.asarray(weights.values, dtype=np.float64)
+        row_dims = weights.dims[:-1]
+        first = _masked_rows(kept[..., 0], row_dims, site_node, queries)
+        kept_sum = _masked_rows(np.where(np.isnan(kept), 0.0, kept).sum(axis=-1), row_dims, site_node, queries)
+        kept_sum = np.where(np.isnan(first), np.nan, kept_sum)  # rows not captured have no kept mass
+        left = None if omitted is None else _masked_rows(np.asarray(omitted.values), omitted.dims, site_node, queries)
+
+        def averaged(select_head=None):
+            pick = (lambda a: a) if select_head is None or "head" not in row_dims else (
+                lambda a: np.take(a, select_head, axis=list(row_dims).index("head")))
+            top, mass = pick(first), pick(kept_sum)
+            return {"max": _json_number(_nan_stat(np.nanmax, top, None)) if np.isfinite(top).any() else None,
+                    "max_weight": _mean(top), "kept_weight": _mean(mass),
+                    "omitted_weight": None if left is None else _mean(pick(left)),
+                    "omitted_weight_max": None if left is None or not np.isfinite(pick(left)).any()
+                    else _json_number(_nan_stat(np.nanmax, pick(left), None)),
+                    "rows": int(np.isfinite(top).sum())}
+
+        entry = {"layer": layer, "type": kind, "layout": "topk", "top_k": top_k,
+                 "key_count": None if keys is None else int(keys), **dict.fromkeys(_DENSE_KEYS), **averaged(),
+                 "shape": [int(site_node.sizes[d]) for d in site_node["weights"].dims if d != "layer"]}
+        if "head" in row_dims:
+            entry["heads"] = [{"head": head, **dict.fromkeys(_DENSE_KEYS), **averaged(index)}
+                              for index, head in enumerate(_head_labels(site_node))]
+        entries.append(entry)
+    info = {"kind": "none", "description": "not computed for top-k sites: weights outside the top k are not stored"}
+    return entries, info
+
+
+def _reduced_lines(summary: dict) -> list[str]:
+    def cell(value, width=9, digits=4):
+        return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+    layouts = summary.get("layouts", {})
+    lines = []
+    stored = [name for name, layout in layouts.items() if layout == "statistics" and name in summary["sites"]]
+    if stored:
+        lines.append("stored per-row statistics (mean over captured rows; entropy in nats):")
+        lines.append(f"{'site':22} {'layer':>5} {'entropy':>9} {'max_w':>9} {'sink_w':>9} {'local_w':>9} "
+                     f"{'top=key0':>9} {'rows':>7}")
+        for name in stored:
+            for entry in summary["sites"][name]:
+                layer = entry["layer"] if entry["layer"] is not None else "-"
+                lines.append(f"{for_terminal(name):22} {layer:>5} {cell(entry.get('entropy'))} "
+                             f"{cell(entry.get('max_weight'))} {cell(entry.get('sink_weight'))} "
+                             f"{cell(entry.get('local_weight'))} {cell(entry.get('top_key_first'))} {entry['rows']:>7}")
+    topk = [name for name, layout in layouts.items() if layout == "topk" and name in summary["sites"]]
+    if topk:
+        lines.append("top-k sites (kept weights, exact; omitted mass as stored):")
+        lines.append(f"{'site':22} {'layer':>5} {'k/keys':>9} {'max':>9} {'max_w':>9} {'kept':>9} {'omitted':>9} "
+                     f"{'omit_max':>9} {'rows':>7}")
+        for name in topk:
+            for entry in summary["sites"][name]:
+                layer = entry["layer"] if entry["layer"] is not None else "-"
+                ratio = f"{entry['top_k']}/{entry['key_count'] if entry['key_count'] is not None else '?'}"
+                lines.append(f"{for_terminal(name):22} {layer:>5} {ratio:>9} {cell(entry.get('max'))} "
+                             f"{cell(entry.get('max_weight'))} {cell(entry.get('kept_weight'))} "
+                             f"{cell(entry.get('omitted_weight'))} {cell(entry.get('omitted_weight_max'))} {entry['rows']:>7}")
+    return lines
+
+
 def format_summary(summary: dict) -> str:
     """The summary as a text table, one line per site and layer, then what "local" meant per site;
     safe to print on a terminal (names and descriptions come from the file: control characters in
@@ -954,19 +1146,25 @@ def format_summary(summary: dict) -> str:
     >>> print(lines[-1])
     loc/glob of encoder/self: token window +/-2 (|query - key position| <= 2)
     """
-    lines = [for_terminal(summary["source"]), f"{'site':13} {'layer':>5}  {'type':15} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} "
-                                f"{'entropy':>8} {'sink':>8} {'loc/glob':>9}  shape"]
+    reduced = {name for name, layout in summary.get("layouts", {}).items() if layout in REDUCED_LAYOUTS}
+    lines = [for_terminal(summary["source"])]
+    if set(summary["sites"]) - reduced or not summary["sites"]:
+        lines.append(f"{'site':13} {'layer':>5}  {'type':15} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} "
+                     f"{'entropy':>8} {'sink':>8} {'loc/glob':>9}  shape")
 
     def cell(value, width=8):
         return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
 
     for name, entries in summary["sites"].items():
+        if name in reduced:
+            continue  # listed in their own tables below
         for entry in entries:
             lines.append(f"{for_terminal(name):13} {entry['layer'] if entry['layer'] is not None else '-':>5}  "
                          f"{for_terminal(entry['type']):15} "
                          f"{cell(entry['mean'])} {cell(entry['std'])} {cell(entry['min'])} {cell(entry['max'])} "
                          f"{cell(entry['entropy'])} {cell(entry['sink_score'])} {cell(entry['local_global_ratio'], 9)}  "
                          f"{entry['shape']}")
+    lines += _reduced_lines(summary)
     if summary.get("queries", "all queries") != "all queries":
         lines.append(f"statistics of {for_terminal(summary['queries'])}")
     for name, constants in summary.get("constants", {}).items():

@@ -119,7 +119,7 @@ _COMPRESSORS = {"blosc": BloscCodec, "zstd": ZstdCodec, "gzip": GzipCodec}
 def _numcodec(codec_id: str):
     """The numcodecs decoder of one compressor (imported on the first chunk that needs it)."""
     if codec_id == "blosc":
-        return zarr_sync._blosc()
+        return zarr_sync.blosc_codec()
     if codec_id == "zstd":
         from numcodecs import Zstd
 
@@ -356,7 +356,7 @@ class ZarrDirectory:
         name = os.path.join(self.display_root, location)
         manifest = zarr_manifest.expected_chunks(array)
         try:
-            with zarr_sync._open_chunk(os.path.join(self.root, location)) as raw:
+            with zarr_sync.open_chunk(os.path.join(self.root, location)) as raw:
                 if raw is None:
                     if chunks_required or key in (manifest or ()):
                         raise zarr_sync.chunk_error(name, location, "is missing (never written, or lost)", "ATTN-STORE-007")
@@ -370,7 +370,7 @@ class ZarrDirectory:
         except MemoryError:
             raise
         except Exception as error:  # codecs raise many classes for damaged bytes
-            raise zarr_sync.chunk_error(name, location, f"cannot be decoded ({type(error).__name__}: {zarr_sync._short(error)})") from error
+            raise zarr_sync.chunk_error(name, location, f"cannot be decoded ({type(error).__name__}: {zarr_sync.short_message(error)})") from error
 
 
 def _copy_chunk(array: DirectArray, raw, name: str, key: str, region: np.ndarray, target: tuple, inside: tuple) -> None:
@@ -384,17 +384,17 @@ def _decode(array: DirectArray, raw, name: str, key: str) -> np.ndarray:
     codecs = list(array.codecs)
     data = np.frombuffer(raw, np.uint8)
     if isinstance(codecs[-1], Crc32cCodec):
-        data = zarr_sync._verify_crc32c(data, name, key)
+        data = zarr_sync.verify_crc32c(data, name, key)
         codecs.pop()
     serializer, compressors = codecs[0], codecs[1:]
     count = math.prod(array.chunk_shape)
     exact = count * array.dtype.itemsize if isinstance(serializer, BytesCodec) else None
     for position, codec in enumerate(reversed(compressors)):
         innermost = position == len(compressors) - 1
-        data = zarr_sync._decode_numcodec(_numcodec(codec.codec_id), data, name, key, exact if innermost else None)
+        data = zarr_sync.decode_numcodec(_numcodec(codec.codec_id), data, name, key, exact if innermost else None)
     if isinstance(serializer, BytesCodec):
         if data.size != exact:
-            raise zarr_sync._wrong_size(name, key, data.size, exact)
+            raise zarr_sync.wrong_size_error(name, key, data.size, exact)
         return np.frombuffer(data, array.dtype).reshape(array.chunk_shape)
     # vlen-utf8: a little-endian uint32 count of items, then per item its length and its bytes.
     # The count is checked before numcodecs allocates an object array of that many items.

@@ -50,7 +50,7 @@ from attnformat.engines import zarr_manifest
 from attnformat.engines.zarr_screen import MAX_CHUNK_BYTES, open_regular_file
 from attnformat.errors import AttnFormatError, BrokenStoreError
 
-# Chunk files up to this size are read; larger ones are memory-mapped (see _open_chunk).
+# Chunk files up to this size are read; larger ones are memory-mapped (see open_chunk).
 _MMAP_BYTES = 1 << 16
 # numcodecs ids of checksum codecs: a failure to decode is a checksum mismatch.
 _CHECKSUM_CODECS = ("crc32", "crc32c", "adler32", "fletcher32", "jenkins_lookup3")
@@ -373,7 +373,7 @@ class _Plan:
         except MemoryError:
             raise
         except Exception as error:  # codecs and stores raise many classes for damaged bytes
-            raise chunk_error(name, location, f"cannot be decoded ({type(error).__name__}: {_short(error)})") from error
+            raise chunk_error(name, location, f"cannot be decoded ({type(error).__name__}: {short_message(error)})") from error
 
     @contextmanager
     def _encoded(self, key: str, name: str):
@@ -384,7 +384,7 @@ class _Plan:
                 raise found
             yield None if found is None else found.as_numpy_array()
         elif self.local:
-            with _open_chunk(name) as raw:
+            with open_chunk(name) as raw:
                 yield raw
         else:
             found = (self.store_path / key).get_sync(prototype=_chunk_context()[1])
@@ -392,12 +392,32 @@ class _Plan:
 
 
 @contextmanager
-def _open_chunk(path: str):
+def open_chunk(path: str):
     """A local chunk file's bytes: never through a link, never blocking, only a regular file.
 
     Chunks of 64 KiB and more are memory-mapped rather than read: the decoder then reads the
     page cache directly, instead of a fresh buffer the size of the chunk that must first be
-    allocated, faulted in and copied into.
+    allocated, faulted in and copied into. Public for the engines' direct roads
+    (:mod:`attnformat.engines.zarr_direct`), which read chunks without zarr-python.
+
+    Parameters
+    ----------
+    path : str
+        The chunk file.
+
+    Yields
+    ------
+    bytes or mmap.mmap or None
+        Its bytes (one more than its size is asked for, so a file that grows shows it), or None
+        when it is missing, a link or not a regular file.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "c/0")
+    >>> with open_chunk(path) as raw:
+    ...     raw is None
+    True
     """
     descriptor = open_regular_file(path)
     if descriptor is None:
@@ -454,7 +474,19 @@ def _chunk_name(store_path, key: str) -> str:
     return f"{str(path).rstrip('/')}/{inner}" if path is not None else f"{store}/{inner}"
 
 
-def _short(error: BaseException) -> str:
+def short_message(error: BaseException) -> str:
+    """The first line of an error's message, at most 200 characters, for a one-line report.
+
+    Parameters
+    ----------
+    error : BaseException
+        Any exception.
+
+    Examples
+    --------
+    >>> short_message(ValueError("bad frame\\nmore")), short_message(ValueError())
+    ('bad frame', 'no details')
+    """
     return str(error).splitlines()[0][:200] if str(error) else "no details"
 
 
@@ -505,14 +537,14 @@ def _decode_into(metadata, raw, destination: np.ndarray, name: str, key: str) ->
         return False
     data = np.frombuffer(raw, np.uint8)
     if checksum:
-        data = _verify_crc32c(data, name, key)
+        data = verify_crc32c(data, name, key)
     if len(codecs) == 1:
         if data.size != destination.nbytes:
-            raise _wrong_size(name, key, data.size, destination.nbytes)
+            raise wrong_size_error(name, key, data.size, destination.nbytes)
         destination.reshape(-1).view(np.uint8)[...] = data
     else:
         _check_blosc(data, name, key, destination.nbytes)
-        _blosc().decode(data, out=destination)
+        blosc_codec().decode(data, out=destination)
     return True
 
 
@@ -540,7 +572,7 @@ def _decode(metadata, raw, coords: tuple[int, ...], name: str, key: str) -> np.n
         innermost = position == len(compressors) - 1
         data = _decode_bytes_codec(codec, data, spec, name, key, exact if innermost else None)
     if exact is not None and data.size != exact:
-        raise _wrong_size(name, key, data.size, exact)
+        raise wrong_size_error(name, key, data.size, exact)
     decoded = _call(bytes_codec, prototype.buffer.from_array_like(data), spec)
     for codec, codec_spec in zip(reversed(array_codecs), reversed(specs)):
         decoded = _call(codec, decoded, codec_spec)
@@ -566,21 +598,50 @@ def _decode_bytes_codec(codec, data: np.ndarray, spec, name: str, key: str, exac
     from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
     if isinstance(codec, Crc32cCodec):
-        return _verify_crc32c(data, name, key)
+        return verify_crc32c(data, name, key)
     numcodec = {BloscCodec: "_blosc_codec", ZstdCodec: "_zstd_codec", GzipCodec: "_gzip_codec"}.get(type(codec))
     if numcodec is not None:
-        return _decode_numcodec(getattr(codec, numcodec), data, name, key, exact)
+        return decode_numcodec(getattr(codec, numcodec), data, name, key, exact)
     inner = getattr(codec, "_codec", None)  # numcodecs codecs wrapped for Zarr v3
     if inner is not None and hasattr(inner, "codec_id"):
-        return _decode_numcodec(inner, data, name, key, exact)
+        return decode_numcodec(inner, data, name, key, exact)
     prototype = _chunk_context()[1]
     decoded = np.frombuffer(_call(codec, prototype.buffer.from_array_like(data), spec).as_numpy_array(), np.uint8)
     return _bounded(decoded, name, key)
 
 
-def _decode_numcodec(codec, data: np.ndarray, name: str, key: str, exact: int | None) -> np.ndarray:
+def decode_numcodec(codec, data: np.ndarray, name: str, key: str, exact: int | None) -> np.ndarray:
     """Undo one numcodecs compressor or checksum, never letting it allocate beyond the bound:
-    the size a frame declares is checked first, gzip and zlib are inflated here with a limit."""
+    the size a frame declares is checked first, gzip and zlib are inflated here with a limit.
+
+    Parameters
+    ----------
+    codec : numcodecs.abc.Codec
+        The compressor or checksum.
+    data : numpy.ndarray
+        The encoded bytes (uint8).
+    name, key : str
+        The chunk's file (or archive and key) and key, for error messages.
+    exact : int, optional
+        The decoded size the array's metadata implies, when this is the innermost codec.
+
+    Returns
+    -------
+    numpy.ndarray
+        The decoded bytes (uint8).
+
+    Raises
+    ------
+    attnformat.errors.BrokenStoreError
+        For a frame cut short, of the wrong size, past the size bound, or a checksum mismatch.
+
+    Examples
+    --------
+    >>> import numcodecs, numpy as np
+    >>> encoded = np.frombuffer(numcodecs.Zlib().encode(b"attention"), np.uint8)
+    >>> bytes(decode_numcodec(numcodecs.Zlib(), encoded, "c/0", "c/0", 9))
+    b'attention'
+    """
     codec_id = getattr(codec, "codec_id", "")
     limit = exact if exact is not None else MAX_CHUNK_BYTES
     if codec_id == "blosc":
@@ -627,7 +688,7 @@ def _decode_v2(metadata, raw, name: str, key: str) -> np.ndarray:
     exact = _fixed_nbytes(metadata) if not metadata.filters else None
     data = np.frombuffer(raw, np.uint8)
     if metadata.compressor is not None:
-        data = _decode_numcodec(metadata.compressor, data, name, key, exact)
+        data = decode_numcodec(metadata.compressor, data, name, key, exact)
     for codec in reversed(metadata.filters or ()):
         try:
             data = codec.decode(data)
@@ -643,12 +704,26 @@ def _decode_v2(metadata, raw, name: str, key: str) -> np.ndarray:
     else:
         expected = count * dtype.itemsize
         if chunk.nbytes != expected:
-            raise _wrong_size(name, key, chunk.nbytes, expected)
+            raise wrong_size_error(name, key, chunk.nbytes, expected)
         chunk = np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).view(dtype)
     return chunk.reshape(-1, order="A").reshape(chunk_shape, order=metadata.order)
 
 
-def _wrong_size(name: str, key: str, found: int, expected: int) -> BrokenStoreError:
+def wrong_size_error(name: str, key: str, found: int, expected: int) -> BrokenStoreError:
+    """The error for a chunk that decodes to ``found`` bytes where its array's metadata makes it ``expected``.
+
+    Parameters
+    ----------
+    name, key : str
+        The chunk's file and key.
+    found, expected : int
+        Decoded and expected sizes in bytes.
+
+    Examples
+    --------
+    >>> "decodes to 3 bytes" in str(wrong_size_error("w/c/0", "c/0", 3, 4))
+    True
+    """
     return chunk_error(name, key, f"decodes to {found} bytes, but the array's metadata makes it {expected} bytes")
 
 
@@ -656,7 +731,7 @@ def _check_declared(declared: int, cut: str, name: str, key: str, exact: int | N
     if declared < 0:
         raise chunk_error(name, key, cut)
     if exact is not None and declared != exact:
-        raise _wrong_size(name, key, declared, exact)
+        raise wrong_size_error(name, key, declared, exact)
     if declared > MAX_CHUNK_BYTES:
         raise chunk_error(name, key, f"declares {declared} decoded bytes, more than the {MAX_CHUNK_BYTES} allowed", "ATTN-STORE-006")
 
@@ -746,8 +821,29 @@ def _decompress_streams(make, data: np.ndarray, name: str, key: str, limit: int,
             return b"".join(pieces)
 
 
-def _verify_crc32c(data: np.ndarray, name: str, key: str) -> np.ndarray:
-    """The chunk without its trailing CRC32C (Zarr v3 ``crc32c`` codec), which must match."""
+def verify_crc32c(data: np.ndarray, name: str, key: str) -> np.ndarray:
+    """The chunk without its trailing CRC32C (Zarr v3 ``crc32c`` codec), which must match.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        The chunk's bytes (uint8) with the checksum last.
+    name, key : str
+        The chunk's file and key, for the error message.
+
+    Raises
+    ------
+    attnformat.errors.BrokenStoreError
+        When the checksum does not match or the chunk is too short to hold one.
+
+    Examples
+    --------
+    >>> import google_crc32c, numpy as np
+    >>> body = b"attention"
+    >>> data = np.frombuffer(body + np.uint32(google_crc32c.value(body)).tobytes(), np.uint8)
+    >>> bytes(verify_crc32c(data, "c/0", "c/0"))
+    b'attention'
+    """
     import google_crc32c  # zarr's own dependency for its crc32c codec
 
     if data.size < 4:
@@ -759,7 +855,14 @@ def _verify_crc32c(data: np.ndarray, name: str, key: str) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _blosc():
+def blosc_codec():
+    """One shared ``numcodecs.Blosc`` decoder (decoding reads its settings from each frame's header).
+
+    Examples
+    --------
+    >>> blosc_codec() is blosc_codec()
+    True
+    """
     import numcodecs
 
     return numcodecs.Blosc()  # decoding takes everything it needs from the chunk's own header

@@ -87,6 +87,26 @@ def _rename_attention_dim(old: str, new: str):
     return change
 
 
+def _edit_variable(name: str, site: str, variable: str, edit) -> xr.DataTree:
+    def change(ds):
+        values = ds[variable].values.copy()
+        edit(values)
+        ds[variable] = ds[variable].copy(data=values)
+        return ds
+
+    return _with_site(name, site, change)
+
+
+def _swap_ranks(ds):
+    """One top-k row with its first two kept weights (and their indices) swapped: increasing."""
+    ds = ds.copy()
+    for name in ("weights", "key_index"):
+        values = ds[name].values.copy()
+        values[0, 0, 5, [0, 1]] = values[0, 0, 5, [1, 0]]
+        ds[name] = ds[name].copy(data=values)
+    return ds
+
+
 INVALID = {
     "ATTN-ROOT-001": lambda: _with_root_attrs(attnformat="attnfmt"),
     "ATTN-ROOT-002": lambda: _with_root_attrs(attnformat_version="2.0.0"),
@@ -123,6 +143,15 @@ INVALID = {
     "ATTN-EDGE-003": lambda: _with_site("edge", "gat", lambda ds: ds.assign_coords(target=("edge", np.where(np.arange(ds.sizes["edge"]) == 0, 99, ds["target"].values)))),
     "ATTN-IMG-001": lambda: _set_attrs("image", "encoder/self", patch_grid=[4]),
     "ATTN-IMG-002": lambda: _with_site("image", "encoder/self", lambda ds: ds.assign_coords(key_patch_row=ds["key_patch_row"] + 4)),
+    "ATTN-SITE-009": lambda: _set_attrs("head-mean", "encoder/self_mean", head_reduction="max"),
+    "ATTN-COORD-006": lambda: _edit_variable("generation", "decoder/self", "query_generation_step", lambda v: v.__setitem__(0, -2)),
+    "ATTN-TOPK-001": lambda: _with_site("topk", "decoder/self_topk", lambda ds: ds.assign(key_index=ds["key_index"].astype("float64"))),
+    "ATTN-TOPK-002": lambda: _edit_variable("topk", "decoder/self_topk", "key_index", lambda v: v[0, 0, 5].__setitem__(1, v[0, 0, 5, 0])),
+    "ATTN-TOPK-003": lambda: _with_site("topk", "decoder/self_topk", _swap_ranks),
+    "ATTN-TOPK-004": lambda: _edit_variable("topk", "decoder/self_topk", "omitted_weight", lambda v: v[1, 1].__setitem__(6, v[1, 1, 6] + 0.1)),
+    "ATTN-STAT-001": lambda: _with_site("statistics", "decoder/self_stats", lambda ds: ds.assign(top_key=ds["top_key"].astype("float32"))),
+    "ATTN-STAT-002": lambda: _edit_variable("statistics", "decoder/self_stats", "entropy", lambda v: v[2, 3].__setitem__(7, 5.0)),
+    "ATTN-STAT-003": lambda: _without_attr("statistics", "decoder/self_stats", "local_window"),
     "ATTN-LOSSY-001": lambda: _with_site("dense", "encoder/self", lambda ds: ds.assign(weights=ds["weights"].assign_attrs(lossy_method="bitround"))),
 }
 

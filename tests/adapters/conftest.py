@@ -18,10 +18,10 @@ def minilm_dir():
 
 @pytest.fixture(scope="session")
 def minilm(minilm_dir):
-    """(model, tokenizer) of all-MiniLM-L6-v2 with eager attention."""
+    """(model, tokenizer) of all-MiniLM-L6-v2 with eager attention (the reference: it returns output_attentions)."""
     from attnformat.adapters.huggingface import load_model
 
-    return load_model(minilm_dir)
+    return load_model(minilm_dir, attn_implementation="eager")
 
 
 @pytest.fixture(scope="session")

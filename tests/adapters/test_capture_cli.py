@@ -33,7 +33,7 @@ def test_demo_writes_a_valid_file_and_renders_the_viewer_report(tmp_path, minilm
     expected = _minilm_reference(minilm, capture_cli.DEMO_TEXTS)
     stored = attnformat.open(path)["encoder/self"]["weights"]
     for layer in range(6):
-        np.testing.assert_allclose(stored.sel(layer=layer).values, expected[layer].numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(stored.sel(layer=layer).values, expected[layer].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_demo_without_a_viewer_says_so_and_still_succeeds(tmp_path, monkeypatch, capsys):
@@ -56,7 +56,7 @@ def test_export_hf_encoder_batch(tmp_path, minilm_dir, minilm):
     assert_valid(out)
     expected = _minilm_reference(minilm, texts)
     site = attnformat.open(out)["encoder/self"]
-    np.testing.assert_allclose(site["weights"].sel(layer=5).values, expected[5].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(site["weights"].sel(layer=5).values, expected[5].numpy(), rtol=1e-5, atol=1e-6)
     assert not site["key_mask"].values[0].all() and site["key_mask"].values[1].all()
     assert main(["export", "hf", str(minilm_dir), "--text", "again", "-o", str(out)]) == 2  # exists: no silent overwrite
 
@@ -82,15 +82,20 @@ def test_export_hf_encoder_decoder_with_targets(tmp_path, bart_dir, tokenizer):
     tree = attnformat.open(out)
     assert attnformat.site_paths(tree) == ["decoder/cross", "decoder/self", "encoder/self"]
     model = BartForConditionalGeneration.from_pretrained(bart_dir, attn_implementation="eager").eval()
-    encoded = tokenizer(["the cat sat", "a dog"], return_tensors="pt", padding=True)
-    labels = tokenizer(text_target=["le chat", "un chien"], return_tensors="pt", padding=True)
-    decoder_ids = shift_tokens_right(labels["input_ids"], model.config.pad_token_id, model.config.decoder_start_token_id)
-    decoder_mask = torch.cat([torch.ones(2, 1, dtype=torch.long), labels["attention_mask"][:, :-1]], dim=1)
-    assert tree["decoder/self"]["query_label"].values.tolist() == [tokenizer.convert_ids_to_tokens(row) for row in decoder_ids]
-    with torch.no_grad():
-        expected = model(**encoded, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask, output_attentions=True)
-    np.testing.assert_allclose(tree["decoder/cross"]["weights"].sel(layer=1).values, expected.cross_attentions[1].numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(tree["decoder/self"]["weights"].sel(layer=0).values, expected.decoder_attentions[0].numpy(), rtol=1e-6, atol=1e-7)
+    # Ground truth: each (text, target) pair run alone through the eager model, unpadded; the file pads the batch.
+    for i, (text, target) in enumerate(zip(["the cat sat", "a dog"], ["le chat", "un chien"])):
+        encoded = tokenizer([text], return_tensors="pt")
+        labels = tokenizer(text_target=[target], return_tensors="pt")
+        decoder_ids = shift_tokens_right(labels["input_ids"], model.config.pad_token_id, model.config.decoder_start_token_id)
+        n_enc, n_dec = encoded["input_ids"].shape[1], decoder_ids.shape[1]
+        assert tree["decoder/self"]["query_token"].values[i, :n_dec].tolist() == tokenizer.convert_ids_to_tokens(decoder_ids[0])
+        assert tree["decoder/self"]["query_mask"].values[i].tolist() == [True] * n_dec + [False] * (tree["decoder/self"].sizes["query"] - n_dec)
+        with torch.no_grad():
+            expected = model(**encoded, decoder_input_ids=decoder_ids, output_attentions=True)
+        cross = tree["decoder/cross"]["weights"].sel(layer=1).values[i][:, :n_dec, :n_enc]
+        np.testing.assert_allclose(cross, expected.cross_attentions[1][0].numpy(), rtol=1e-5, atol=1e-6)
+        decoder_self = tree["decoder/self"]["weights"].sel(layer=0).values[i][:, :n_dec, :n_dec]
+        np.testing.assert_allclose(decoder_self, expected.decoder_attentions[0][0].numpy(), rtol=1e-5, atol=1e-6)
     assert main(["export", "hf", str(bart_dir), "--text", "x", "-o", str(tmp_path / "no-target.attn.zarr")]) == 2
 
 
@@ -117,4 +122,4 @@ def test_export_hf_decoder_only(tmp_path, tokenizer):
     encoded = tokenizer(["one two three", "four"], return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], output_attentions=True).attentions
-    np.testing.assert_allclose(site["weights"].sel(layer=1).values, expected[1].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(site["weights"].sel(layer=1).values, expected[1].numpy(), rtol=1e-5, atol=1e-6)

@@ -16,8 +16,14 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Attention please."]
 
 
 def _reference(model, **inputs):
-    with torch.no_grad():
-        return model(**inputs, output_attentions=True)
+    """The model's own eager output_attentions (the model is switched to eager for this call only)."""
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(implementation)
 
 
 def test_minilm_batch_of_two_texts_matches_output_attentions(tmp_path, minilm):
@@ -30,13 +36,13 @@ def test_minilm_batch_of_two_texts_matches_output_attentions(tmp_path, minilm):
     assert dict(site["weights"].sizes) == {"sample": 2, "layer": 6, "head": 12, "query": encoded["input_ids"].shape[1], "key": encoded["input_ids"].shape[1]}
     assert site.attrs["causal"] == 0 and site.attrs["attention_type"] == "self"
     for layer in range(6):
-        np.testing.assert_allclose(site["weights"].sel(layer=layer).values, expected[layer].numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(site["weights"].sel(layer=layer).values, expected[layer].numpy(), rtol=1e-5, atol=1e-6)
     mask = encoded["attention_mask"].bool().numpy()
     assert not mask[1].all()  # the second text is padded
     np.testing.assert_array_equal(site["query_mask"].values, mask)
     np.testing.assert_array_equal(site["key_mask"].values, mask)
     for sample in range(2):
-        assert site["query_label"].values[sample].tolist() == tokenizer.convert_ids_to_tokens(encoded["input_ids"][sample])
+        assert site["query_token"].values[sample].tolist() == tokenizer.convert_ids_to_tokens(encoded["input_ids"][sample])
     assert attnformat.open(path).attrs["model_framework"].startswith("transformers")
 
 
@@ -51,7 +57,7 @@ def test_decoder_only_gpt2_is_causal(tmp_path, tokenizer):
     site = attnformat.open(path)["decoder/self"]
     assert site.attrs["causal"] == 1
     for layer in range(2):
-        np.testing.assert_allclose(site["weights"].sel(layer=layer).values, expected[layer].numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(site["weights"].sel(layer=layer).values, expected[layer].numpy(), rtol=1e-5, atol=1e-6)
     assert site["query_position"].values.tolist() == list(range(encoded["input_ids"].shape[1]))
 
 
@@ -86,7 +92,7 @@ def test_encoder_decoder_self_and_cross_attention(tmp_path, tokenizer, name):
     for site, reference in (("encoder/self", expected.encoder_attentions), ("decoder/self", expected.decoder_attentions), ("decoder/cross", expected.cross_attentions)):
         assert tree[site]["weights"].sizes["layer"] == len(reference)
         for layer, weights in enumerate(reference):
-            np.testing.assert_allclose(read(path, site, layer=layer), weights.numpy(), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(read(path, site, layer=layer), weights.numpy(), rtol=1e-5, atol=1e-6)
     report = attnformat.validate(path)
     assert report.ok, report.format()
 
@@ -96,10 +102,11 @@ def test_export_text_with_targets_labels_every_site(tmp_path, tokenizer):
     path = hf.export_text(model, tokenizer, TEXTS, tmp_path / "bart.attn.zarr", targets=["Le renard.", "Attention!"])
     assert_valid(path)
     tree = attnformat.open(path)
-    encoder_labels = tree["encoder/self"]["query_label"].values
-    decoder_labels = tree["decoder/self"]["query_label"].values
-    np.testing.assert_array_equal(tree["decoder/cross"]["key_label"].values, encoder_labels)
-    np.testing.assert_array_equal(tree["decoder/cross"]["query_label"].values, decoder_labels)
+    encoder_labels = tree["encoder/self"]["query_token"].values
+    decoder_labels = tree["decoder/self"]["query_token"].values
+    np.testing.assert_array_equal(tree["decoder/cross"]["key_token"].values, encoder_labels)
+    np.testing.assert_array_equal(tree["decoder/cross"]["query_token"].values, decoder_labels)
+    np.testing.assert_array_equal(tree["decoder/cross"]["key_label"].values, tree["encoder/self"]["query_label"].values)
     assert decoder_labels[0][0] == tokenizer.convert_ids_to_tokens(model.config.decoder_start_token_id)
     assert tokenizer.convert_ids_to_tokens(tokenizer("Le renard.")["input_ids"])[:-1] == decoder_labels[0][1:len(tokenizer("Le renard.")["input_ids"])].tolist()
     with pytest.raises(UnsupportedModelError, match="targets"):
@@ -123,23 +130,23 @@ def test_vit_patch_grid_cls_token_and_image(tmp_path):
     assert site["image"].dims == ("sample", "image_row", "image_col", "channel") and site["image"].attrs["role"] == "image"
     np.testing.assert_array_equal(site["image"].values, pixels.permute(0, 2, 3, 1).numpy())
     for layer in range(2):
-        np.testing.assert_allclose(site["weights"].sel(layer=layer).values, expected[layer].numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(site["weights"].sel(layer=layer).values, expected[layer].numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_sdpa_model_is_switched_to_eager_for_the_block_and_back(tmp_path, tokenizer):
+def test_eager_option_switches_an_sdpa_model_to_eager_for_the_block_and_back(tmp_path, tokenizer):
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=32, attn_implementation="sdpa")).eval()
     encoded = tokenizer(TEXTS, return_tensors="pt", padding=True)
     path = tmp_path / "sdpa.attn.zarr"
-    with hf.capture(model, path) as capture, torch.no_grad():
+    with hf.capture(model, path, eager=True) as capture, torch.no_grad():
         assert model.config._attn_implementation == "eager"
         model(**encoded)
     assert model.config._attn_implementation == "sdpa"
     assert not any(m._forward_hooks for m in model.modules())
     model.set_attn_implementation("eager")
     expected = _reference(model, **encoded).attentions
-    np.testing.assert_allclose(read(path, "encoder/self", layer=1), expected[1].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(read(path, "encoder/self", layer=1), expected[1].numpy(), rtol=1e-5, atol=1e-6)
     assert capture.sites == {"encoder.layer.0.attention.self": ("encoder/self", 0), "encoder.layer.1.attention.self": ("encoder/self", 1)}
 
 
@@ -160,7 +167,7 @@ def test_failure_mid_forward_leaves_an_incomplete_file_with_the_layers_so_far(tm
     assert tree.attrs["completeness"] == "incomplete"
     weights = tree["encoder/self"]["weights"]
     for layer in range(3):
-        np.testing.assert_allclose(weights.sel(layer=layer).values, expected[layer].numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(weights.sel(layer=layer).values, expected[layer].numpy(), rtol=1e-5, atol=1e-6)
     assert np.isnan(weights.sel(layer=3).values).all()
     assert _hook_count(model) == hooks_before
 

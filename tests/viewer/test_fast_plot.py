@@ -34,7 +34,16 @@ def _truth(path, array):
     return values.astype(object) if values.dtype.kind in "TU" else values
 
 
-def _remembered(path, site=None) -> bool:
+def _remembered(path) -> bool:
+    """A passing verdict is remembered for this version of the file (attnformat.verdicts)."""
+    from attnformat.verdicts import known_conforming, version_of
+
+    version = version_of(path)
+    return version is not None and known_conforming(version)
+
+
+def _direct(path, site=None) -> bool:
+    """One plot of this file takes the direct road."""
     return selection_module._direct_site(path, site) is not None
 
 
@@ -64,12 +73,14 @@ def test_save_and_validate_remember_what_they_checked(tmp_path):
     assert _remembered(path)  # so did validate
 
 
-def test_the_first_plot_validates_and_later_ones_read_directly(tmp_path):
+def test_the_first_plot_of_an_unchecked_file_reads_directly_and_draws_what_the_tree_draws(tmp_path):
     path = attnformat.save(build("dense"), tmp_path / "dense.zarr")
     shutil.rmtree(tmp_path / "cache")  # a file received from elsewhere: never checked here
     assert not _remembered(path)
+    # its metadata rules are checked on the consolidated JSON (attnformat.metadata_rules): no tree
+    assert _direct(path)
     first = _figure_facts(heatmap(path, layer=1, head=2))
-    assert _remembered(path)  # this version of the file passed the metadata rules
+    assert not _remembered(path)  # no verdict about the values was reached, so none is kept
     direct = _figure_facts(heatmap(path, layer=1, head=2))
     tree = _figure_facts(heatmap(attnformat.open(path), layer=1, head=2))
     weights = _truth(path, "encoder/self/weights")[1, 2]
@@ -100,8 +111,8 @@ CASES = {
 def test_every_selection_is_the_same_on_both_roads(tmp_path, name):
     path = attnformat.save(build(name), tmp_path / f"{name}.zarr")
     fixed, selections = CASES[name]
-    select(path, **fixed, **selections[0])  # validates, and remembers the verdict
-    assert _remembered(path, fixed.get("site"))
+    select(path, **fixed, **selections[0])  # validates where the direct road cannot tell, and remembers the verdict
+    assert _direct(path, fixed.get("site"))
     tree = attnformat.open(path)
     for chosen in selections:
         options = {**fixed, **chosen}
@@ -139,11 +150,12 @@ def test_a_nonconforming_file_is_refused_every_time(tmp_path):
     for _ in range(2):
         with pytest.raises(attnformat.NonConformingError, match="ATTN-SITE-002"):
             heatmap(path)
-        assert not _remembered(path)
+        assert not _remembered(path) and not _direct(path)
 
 
 def test_a_rewritten_file_is_validated_again(tmp_path, monkeypatch):
-    path = attnformat.save(build("dense"), tmp_path / "dense.zarr")
+    # an edge file: its rules are not checked on the raw JSON, so its first plot validates the tree
+    path = attnformat.save(build("edge"), tmp_path / "edge.zarr")
     shutil.rmtree(tmp_path / "cache")  # forget that save checked it
     calls = []
     from attnformat import validation
@@ -164,7 +176,7 @@ def test_without_a_cache_every_plot_validates(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNFORMAT_CACHE_DIR", "none")
     path = attnformat.save(build("dense"), tmp_path / "dense.zarr")
     select(path)
-    assert not _remembered(path)
+    assert not _remembered(path)  # nothing kept, and the plot is right all the same
     np.testing.assert_array_equal(select(path, layer=1, head=2).values, _truth(path, "encoder/self/weights")[1, 2])
 
 
@@ -172,7 +184,7 @@ def test_an_unsealed_file_takes_the_tree_road(tmp_path):
     path = tmp_path / "plain.zarr"
     build("dense").to_zarr(path)  # written by xarray alone: no chunk manifest
     np.testing.assert_array_equal(select(path, layer=0, head=1).values, _truth(path, "encoder/self/weights")[0, 1])
-    assert not _remembered(path)
+    assert not _direct(path)
 
 
 def test_damage_found_on_the_direct_road_is_the_tree_roads_error(tmp_path):
@@ -195,15 +207,17 @@ def test_a_selector_naming_nothing_gets_the_general_message(tmp_path):
         select(path, row=1)
 
 
-def test_the_command_line_draws_the_same_png_on_both_roads(tmp_path):
+def test_the_command_line_draws_the_same_png_on_both_roads(tmp_path, monkeypatch):
     import matplotlib.image
 
     from attnformat.cli import main
 
     path = attnformat.save(build("padded-batch"), tmp_path / "padded.zarr")
     arguments = ["plot", str(path), "heatmap", "--sample", "1", "--head", "1"]
-    assert main([*arguments, "-o", str(tmp_path / "first.png")]) == 0  # the tree road: validates
-    assert _remembered(path)
+    with monkeypatch.context() as patch:  # the general road: open the tree and validate it
+        patch.setattr(selection_module, "_direct_site", lambda *args, **kwargs: None)
+        assert main([*arguments, "-o", str(tmp_path / "first.png")]) == 0
+    assert _direct(path)
     assert main([*arguments, "-o", str(tmp_path / "direct.png")]) == 0
     first, direct = (matplotlib.image.imread(tmp_path / name) for name in ("first.png", "direct.png"))
     assert first.shape == direct.shape and np.array_equal(first, direct)

@@ -1,0 +1,264 @@
+"""Torch reductions of attention, one block of query rows at a time: top-k, row statistics, head mean, dense.
+
+A :class:`RowReducer` takes the logits of one attention call block by block (as
+:meth:`attnformat.adapters.kernel.AttentionCall.block_logits` gives them: masked cells at
+float32's minimum, keys outside the block's range known to weigh 0) and keeps only what a
+:class:`~attnformat.adapters.keep.Keep` asks for. Each block is reduced with one ``exp`` pass:
+
+- top-k on the logits (the same keys as on the weights, since softmax is monotonic), their
+  weights ``exp(logit - max) / sum``, and the omitted mass ``1 - sum(kept)``;
+- entropy ``log(sum) - sum(e * z) / sum`` with ``z = logit - max`` and ``e = exp(z)``
+  (no second log pass over the weights); max weight ``1 / sum``; sink weight (the sample's
+  first valid key); local weight (keys within the window of the query's position); top key.
+
+The numpy reference of the same quantities is :mod:`attnformat.reductions`; the tests check
+both against the framework's eager weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from attnformat.adapters.keep import Keep
+
+_MASKED_BELOW = torch.finfo(torch.float32).min / 2
+
+
+class Workspace:
+    """Buffers reused from block to block (and call to call), grown when a block needs more.
+
+    Examples
+    --------
+    >>> workspace = Workspace()
+    >>> a = workspace.take("exp", (2, 3))
+    >>> b = workspace.take("exp", (3, 2))
+    >>> a.data_ptr() == b.data_ptr(), tuple(b.shape)
+    (True, (3, 2))
+    """
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape) -> torch.Tensor:
+        """A float32 tensor of ``shape`` (its contents are left over from earlier blocks).
+
+        Examples
+        --------
+        >>> Workspace().take("logits", (2, 2)).dtype
+        torch.float32
+        """
+        count = 1
+        for size in shape:
+            count *= int(size)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[name] = torch.empty(count, dtype=torch.float32)
+        return buffer[:count].view(*shape)
+
+
+class RowReducer:
+    """Accumulate what ``keep`` asks for over the row blocks of one attention call.
+
+    Parameters
+    ----------
+    batch, heads, query_count, key_count
+        The call's sizes.
+    keep
+        What to keep.
+    dense
+        Keep this call's dense weights (the layer is selected) — the heads and rows of
+        ``keep.heads``/``keep.rows``.
+    query_positions
+        Position of each query row on the key axis (int64, ``(query_count,)``), for
+        ``local_weight``.
+    first_keys
+        Each sample's first valid key (int64, ``(batch,)``), for ``sink_weight``.
+    local
+        Compute ``local_weight`` (self-attention only).
+
+    Examples
+    --------
+    >>> import torch
+    >>> logits = torch.tensor([[[[0.0, 1.0, 2.0]]]])
+    >>> reducer = RowReducer(1, 1, 1, 3, Keep(dense=False, top_k=2, statistics=["max_weight", "top_key"]), dense=False)
+    >>> reducer.add(slice(0, 1), logits, 0)
+    >>> result = reducer.result()
+    >>> result["key_index"].tolist(), round(float(result["max_weight"][0, 0, 0]), 4)
+    ([[[[2, 1]]]], 0.6652)
+    """
+
+    def __init__(self, batch: int, heads: int, query_count: int, key_count: int, keep: Keep, *, dense: bool,
+                 query_positions=None, first_keys=None, local: bool = True):
+        self.keep = keep
+        self.batch, self.heads, self.query_count, self.key_count = batch, heads, query_count, key_count
+        self.out: dict[str, np.ndarray] = {}
+        self.dense_heads = None if keep.heads is None else torch.as_tensor(list(keep.heads), dtype=torch.int64)
+        self.dense_rows = _row_indices(keep.rows, query_count) if dense else None
+        if dense:
+            head_count = heads if self.dense_heads is None else len(self.dense_heads)
+            row_count = query_count if self.dense_rows is None else len(self.dense_rows)
+            self.out["weights"] = np.zeros((batch, head_count, row_count, key_count), np.float32)
+            if self.dense_rows is not None:
+                self._dense_position = {int(row): i for i, row in enumerate(self.dense_rows)}
+        self.top_k = keep.top_k
+        if self.top_k:
+            self.out["topk_weights"] = np.full((batch, heads, query_count, self.top_k), np.nan, np.float32)
+            self.out["key_index"] = np.full((batch, heads, query_count, self.top_k), -1, np.int32)
+            self.out["omitted_weight"] = np.full((batch, heads, query_count), np.nan, np.float32)
+        self.statistics = tuple(name for name in keep.statistic_names if local or name != "local_weight")
+        for name in self.statistics:
+            self.out[name] = np.full((batch, heads, query_count), -1 if name == "top_key" else np.nan,
+                                     np.int32 if name == "top_key" else np.float32)
+        if keep.head_mean:
+            self.out["head_mean"] = np.zeros((batch, query_count, key_count), np.float32)
+        self.query_positions = (torch.arange(query_count, dtype=torch.int64) if query_positions is None
+                                else torch.as_tensor(query_positions, dtype=torch.int64))
+        self.first_keys = torch.zeros(batch, dtype=torch.int64) if first_keys is None else torch.as_tensor(first_keys, dtype=torch.int64)
+        self.window = keep.window
+
+    def add(self, rows: slice, logits: torch.Tensor, first_key: int, workspace: Workspace | None = None) -> None:
+        """Reduce one block: ``logits`` (batch, heads, rows, keys) of keys ``[first_key, first_key + keys)``.
+
+        The block is consumed (modified in place). A ``workspace`` holds the block-sized
+        temporaries between blocks.
+
+        Examples
+        --------
+        >>> import torch
+        >>> reducer = RowReducer(1, 1, 2, 2, Keep(), dense=True)
+        >>> reducer.add(slice(0, 2), torch.zeros(1, 1, 2, 2), 0)
+        >>> reducer.result()["weights"].tolist()
+        [[[[0.5, 0.5], [0.5, 0.5]]]]
+        """
+        rows = slice(*rows.indices(self.query_count))
+        width = logits.shape[-1]
+        keys = slice(first_key, first_key + width)
+        if not self.top_k and not self.statistics:  # dense maps or head means only: one fused softmax
+            self._store_probabilities(rows, keys, torch.softmax(logits, dim=-1))
+            return
+        maximum = logits.amax(-1, keepdim=True)
+        z = logits.sub_(maximum)  # in place: the block's logits are ours
+        top_values = top_index = None
+        if self.top_k or "top_key" in self.statistics:
+            top_values, top_index = torch.topk(z, min(self.top_k or 1, width), dim=-1)
+        e = torch.exp(z, out=workspace.take("exp", z.shape)) if workspace is not None else torch.exp(z)
+        total = e.sum(-1)
+        entropy = None
+        if "entropy" in self.statistics:
+            # entropy = log(sum e) - sum(e * z) / sum e, with z = logit - max: one exp pass, no log of
+            # the weights. z is float32's minimum (not -inf) on masked keys, so e * z is 0 there.
+            entropy = torch.log(total) - z.mul_(e).sum(-1) / total
+        del z
+        self._store_statistics(rows, keys, e, total, top_index, first_key, entropy)
+        if self.top_k:
+            available = top_values > _MASKED_BELOW
+            # A row with no visible key is spread uniformly by the model (every logit equal): all keys count.
+            available |= (maximum <= _MASKED_BELOW)
+            weights = torch.exp(top_values) / total[..., None]
+            weights = torch.where(available, weights, torch.nan)
+            kept = torch.where(available, weights, 0).sum(-1)
+            index = torch.where(available, top_index + first_key, -1)
+            count = weights.shape[-1]
+            self.out["topk_weights"][:, :, rows, :count] = weights.numpy()
+            self.out["key_index"][:, :, rows, :count] = index.numpy()
+            self.out["omitted_weight"][:, :, rows] = (1 - kept).clamp_(min=0).numpy()
+        if "weights" in self.out or "head_mean" in self.out:
+            self._store_probabilities(rows, keys, e.div_(total[..., None]))
+
+    def _store_probabilities(self, rows, keys, probabilities) -> None:
+        if "weights" in self.out:
+            self._store_dense(rows, keys, probabilities)
+        if "head_mean" in self.out:
+            self.out["head_mean"][:, rows, keys] = probabilities.mean(1).numpy()
+
+    def _store_statistics(self, rows, keys, e, total, top_index, first_key, entropy) -> None:
+        names = self.statistics
+        if not names:
+            return
+        if "entropy" in names:
+            self.out["entropy"][:, :, rows] = entropy.numpy()
+        if "max_weight" in names:
+            self.out["max_weight"][:, :, rows] = (1 / total).numpy()
+        if "top_key" in names:
+            self.out["top_key"][:, :, rows] = (top_index[..., 0] + first_key).numpy()
+        if "sink_weight" in names:
+            sink = torch.zeros(self.batch, self.heads, rows.stop - rows.start)
+            for sample in range(self.batch):
+                key = int(self.first_keys[sample]) - keys.start
+                if 0 <= key < e.shape[-1]:
+                    sink[sample] = e[sample if e.shape[0] > 1 else 0, :, :, key] / total[sample if total.shape[0] > 1 else 0]
+            self.out["sink_weight"][:, :, rows] = sink.numpy()
+        if "local_weight" in names:
+            positions = self.query_positions[rows]
+            low = max(int(positions.min()) - self.window, keys.start)
+            high = min(int(positions.max()) + self.window + 1, keys.stop)
+            if high > low:
+                key_positions = torch.arange(low, high)
+                band = ((key_positions[None, :] - positions[:, None]).abs() <= self.window).to(e.dtype)
+                near = e[..., low - keys.start:high - keys.start]
+                local = torch.einsum("bhrk,rk->bhr", near, band) / total
+            else:
+                local = torch.zeros_like(total)
+            self.out["local_weight"][:, :, rows] = local.numpy()
+
+    def _store_dense(self, rows, keys, probabilities) -> None:
+        if self.dense_heads is not None:
+            probabilities = probabilities.index_select(1, self.dense_heads)
+        if self.dense_rows is None:
+            self.out["weights"][:, :, rows, keys] = probabilities.numpy()
+            return
+        wanted = [(i, self._dense_position[row]) for i, row in enumerate(range(rows.start, rows.stop)) if row in self._dense_position]
+        if wanted:
+            source = torch.as_tensor([i for i, _ in wanted])
+            target = np.asarray([j for _, j in wanted])
+            self.out["weights"][:, :, target, keys] = probabilities.index_select(2, source).numpy()
+
+    def result(self) -> dict[str, np.ndarray]:
+        """What was kept, as numpy arrays: ``weights`` (dense, (batch, heads, rows, keys)), ``topk_weights``,
+        ``key_index``, ``omitted_weight``, the statistics by name, ``head_mean`` (batch, query, key).
+
+        Examples
+        --------
+        >>> sorted(RowReducer(1, 1, 1, 1, Keep(dense=False, top_k=1), dense=False).result())
+        ['key_index', 'omitted_weight', 'topk_weights']
+        """
+        return self.out
+
+
+def _row_indices(rows, query_count: int):
+    if rows is None:
+        return None
+    if isinstance(rows, slice):
+        return np.arange(query_count)[rows]
+    selected = np.asarray(list(rows), dtype=np.int64)
+    if selected.size and (selected.min() < 0 or selected.max() >= query_count):
+        from attnformat.adapters.errors import CaptureShapeError
+
+        raise CaptureShapeError(f"Keep(rows=...) selects rows {selected.tolist()}, but the call has {query_count} query rows")
+    return selected
+
+
+def reduce_call(call, keep: Keep, *, dense: bool, budget_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Reduce every row of an :class:`~attnformat.adapters.kernel.AttentionCall` block by block.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2Model
+    >>> from attnformat.adapters.kernel import KernelTap
+    >>> model = GPT2Model(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=50, attn_implementation="sdpa")).eval()
+    >>> out = []
+    >>> with KernelTap(model, {"h.0.attn": ("decoder/self", 0)}, lambda call: out.append(reduce_call(call, Keep(dense=False, top_k=2), dense=False))):
+    ...     _ = model(torch.tensor([[1, 2, 3]]))
+    >>> out[0]["key_index"][0, 0, 0].tolist()  # row 0 sees one key: the second rank is empty
+    [0, -1]
+    """
+    reducer = RowReducer(call.batch, call.heads, call.query_count, call.key_count, keep, dense=dense,
+                         query_positions=call.query_positions, first_keys=call.first_keys() if "sink_weight" in keep.statistic_names else None,
+                         local=call.attention_type == "self")
+    workspace = getattr(call, "workspace", None) or Workspace()
+    for rows in call.row_slices(budget_bytes):
+        logits, first = call.block_logits(rows, workspace=workspace)
+        reducer.add(rows, logits, first, workspace)
+    return reducer.result()
