@@ -107,7 +107,11 @@ class HookSession:
             self.path = self.recorder.path
         self.active = True
         try:
-            self._handles = list(self._install())
+            # One by one, so that handles installed before a failure halfway through _install are
+            # still removed by _restore below.
+            self._handles = []
+            for handle in self._install():
+                self._handles.append(handle)
         except BaseException:
             self._restore()
             if self._owns_recorder:
