@@ -27,6 +27,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_checksums.py
 	$(BIN)/python benchmarks/bench_corruption.py
 	$(BIN)/python benchmarks/bench_footprint.py
+	$(BIN)/python benchmarks/bench_plot_startup.py
+	$(BIN)/python benchmarks/bench_llm_capture.py
+	$(BIN)/python benchmarks/bench_generation.py --threads 1 --repeats 3
+	$(BIN)/python benchmarks/bench_export_many.py
 
 clean:
 	rm -rf $(VENV) out
