@@ -30,6 +30,7 @@ from attnformat.adapters.keep import Keep, keeps_by_site
 from attnformat.adapters.kernel import CallWriter, KernelTap, WeightsCall
 from attnformat.adapters.recorder import Recorder
 from attnformat.adapters.sessions import HookSession
+from attnformat.adapters.tokens import patch_tokens, token_description
 
 _KINDS = ("attentions", "cross_attentions")
 _SUPPORTED = ("Hugging Face transformers models that return attentions with output_attentions=True (their classes declare "
@@ -478,11 +479,7 @@ def export_image(
     if specials < 0:
         raise UnsupportedModelError(f"{type(model).__name__}: {tokens_count} tokens for a {grid[0]}x{grid[1]} patch grid; "
                                     f"only models with one token per patch (plus CLS-like tokens first) are supported")
-    rows = np.concatenate([np.full(specials, -1), np.repeat(np.arange(grid[0]), grid[1])]).astype(np.int64)
-    cols = np.concatenate([np.full(specials, -1), np.tile(np.arange(grid[1]), grid[0])]).astype(np.int64)
-    labels = (["[CLS]"] + [f"[SPECIAL{i}]" for i in range(1, specials)])[:specials] + [f"patch ({r},{c})" for r, c in zip(rows[specials:], cols[specials:])]
-    coords = {"query_patch_row": ("query", rows), "query_patch_col": ("query", cols), "key_patch_row": ("key", rows), "key_patch_col": ("key", cols)}
-    tokens = {"encoder/self": {"labels": labels, "coords": coords, "attrs": {"patch_grid": grid, "patch_size": list(patch_size)}}}
+    tokens = {"encoder/self": patch_tokens(grid, patch_size, specials)}
     if image is None:
         image = to_numpy(pixel_values).transpose(0, 2, 3, 1)
     image = to_numpy(image)
@@ -548,8 +545,6 @@ def _declares_causal(module) -> bool:
 
 def _token_description(tokenizer, input_ids, attention_mask) -> dict:
     """Describe keywords of a batch of tokens: readable labels, raw pieces, mask."""
-    from attnformat.adapters.tokens import token_description
-
     return token_description(tokenizer, input_ids.numpy(), attention_mask.bool().numpy())
 
 

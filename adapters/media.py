@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from attnformat.adapters.errors import UnsupportedModelError
+from attnformat.adapters.tokens import patch_tokens, token_description
 from attnformat.errors import AttnFormatError
 
 #: Sample widths ``wave`` hands back, as numpy dtypes (8-bit WAV is unsigned, the others signed).
@@ -252,7 +253,7 @@ def export_image(
     if specials < 0:
         raise UnsupportedModelError(f"{type(model).__name__}: {token_count} tokens for a {grid[0]}x{grid[1]} patch grid; only models "
                                     f"with one token per patch (plus CLS-like tokens first) are supported")
-    tokens = {vision_site: _patch_tokens(grid, patch, specials)}
+    tokens = {vision_site: patch_tokens(grid, patch, specials)}
     inputs = {"pixel_values": pixel_values}
     if texts is not None:
         if not two_towers:
@@ -263,7 +264,7 @@ def export_image(
             raise UnsupportedModelError(f"{type(processor).__name__} holds no tokenizer for the texts")
         encoded = tokenizer(texts, return_tensors="pt", padding=True)
         inputs.update(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-        tokens["text/self"] = {**_token_description(tokenizer, encoded["input_ids"], encoded["attention_mask"]),
+        tokens["text/self"] = {**token_description(tokenizer, encoded["input_ids"], encoded["attention_mask"]),
                                "positions": np.arange(encoded["input_ids"].shape[1])}
     shown = _shown_image(image_processor, pixel_values)
     what = f"{len(pictures)} image(s)" + (f" and {len(texts)} text(s)" if texts is not None else "")
@@ -369,8 +370,8 @@ def export_audio(
     seconds_per_token = features.shape[-1] * extractor.hop_length / rate / encoder_length
     frame_labels = [f"{index * seconds_per_token:.2f}s" for index in range(encoder_length)]
     if tokenizer is not None:
-        query_side = _token_description(tokenizer, decoder_ids, decoder_mask, side="query")
-        decoder_tokens = _token_description(tokenizer, decoder_ids, decoder_mask)
+        query_side = token_description(tokenizer, decoder_ids, decoder_mask, side="query")
+        decoder_tokens = token_description(tokenizer, decoder_ids, decoder_mask)
     else:
         query_side = {"query_mask": decoder_mask.numpy()}
         decoder_tokens = {"mask": decoder_mask.numpy()}
@@ -449,16 +450,6 @@ def _image_site(site: str, keep, sites) -> str:
     return names["statistics"] if chosen.statistic_names else names["head_mean"]
 
 
-def _patch_tokens(grid, patch, specials: int) -> dict:
-    """Describe keywords of a vision site: CLS-like tokens first (patch row/col -1), then patches row by row."""
-    rows = np.concatenate([np.full(specials, -1), np.repeat(np.arange(grid[0]), grid[1])]).astype(np.int64)
-    cols = np.concatenate([np.full(specials, -1), np.tile(np.arange(grid[1]), grid[0])]).astype(np.int64)
-    labels = ["[CLS]"] + [f"[SPECIAL{i}]" for i in range(1, specials)] if specials else []
-    labels += [f"patch ({r},{c})" for r, c in zip(rows[specials:], cols[specials:])]
-    coords = {"query_patch_row": ("query", rows), "query_patch_col": ("query", cols), "key_patch_row": ("key", rows), "key_patch_col": ("key", cols)}
-    return {"labels": labels, "coords": coords, "attrs": {"patch_grid": list(grid), "patch_size": list(patch)}}
-
-
 def _shown_image(image_processor, pixel_values) -> np.ndarray:
     """The pixels the model saw, un-normalized to [0, 1], (sample, row, col, channel)."""
     values = pixel_values.detach().cpu().numpy().astype(np.float64).transpose(0, 2, 3, 1)
@@ -501,13 +492,6 @@ def _as_signal(item, rate: int) -> np.ndarray:
     if signal.ndim != 1:
         raise AttnFormatError(f"export_audio: a signal is 1-d (mono), not shape {signal.shape}")
     return resample(signal, source_rate, rate)
-
-
-def _token_description(tokenizer, ids, mask, side=None) -> dict:
-    """Readable labels and raw pieces (attnformat.adapters.tokens), with the mask."""
-    from attnformat.adapters.tokens import token_description
-
-    return token_description(tokenizer, ids, mask, side=side)
 
 
 def _pair(value):

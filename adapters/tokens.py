@@ -145,6 +145,32 @@ def token_description(tokenizer, ids, mask=None, *, side: str | None = None) -> 
     return description
 
 
+def patch_tokens(grid, patch, specials: int = 1) -> dict:
+    """Describe keywords of a vision site: CLS-like tokens first (patch row/col -1), then patches row by row.
+
+    Parameters
+    ----------
+    grid
+        The patch grid ``(rows, cols)`` of the input (its size, not the config's).
+    patch
+        Patch size in pixels ``(height, width)``.
+    specials
+        Tokens before the patches (CLS, registers); the first is labelled ``[CLS]``.
+
+    Examples
+    --------
+    >>> described = patch_tokens((2, 2), (16, 16))
+    >>> described["labels"][:2], described["attrs"]
+    (['[CLS]', 'patch (0,0)'], {'patch_grid': [2, 2], 'patch_size': [16, 16]})
+    """
+    rows = np.concatenate([np.full(specials, -1), np.repeat(np.arange(grid[0]), grid[1])]).astype(np.int64)
+    cols = np.concatenate([np.full(specials, -1), np.tile(np.arange(grid[1]), grid[0])]).astype(np.int64)
+    labels = (["[CLS]"] + [f"[SPECIAL{i}]" for i in range(1, specials)])[:specials]
+    labels += [f"patch ({r},{c})" for r, c in zip(rows[specials:], cols[specials:])]
+    coords = {"query_patch_row": ("query", rows), "query_patch_col": ("query", cols), "key_patch_row": ("key", rows), "key_patch_col": ("key", cols)}
+    return {"labels": labels, "coords": coords, "attrs": {"patch_grid": [int(v) for v in grid], "patch_size": [int(v) for v in patch]}}
+
+
 def _rows(ids) -> tuple[list[list[int]], tuple[int, ...]]:
     if hasattr(ids, "detach"):
         ids = ids.detach().cpu().numpy()
