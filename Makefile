@@ -31,6 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_llm_capture.py
 	$(BIN)/python benchmarks/bench_generation.py --threads 1 --repeats 3
 	$(BIN)/python benchmarks/bench_export_many.py
+	$(BIN)/python benchmarks/bench_scale.py --quick --scratch /tmp/attn-scale
+	$(BIN)/python benchmarks/bench_collection.py --quick
+	$(BIN)/python benchmarks/bench_compare.py --quick --scratch /tmp/attn-compare
+	$(BIN)/python benchmarks/bench_explorer.py --quick
 
 clean:
 	rm -rf $(VENV) out

@@ -35,6 +35,10 @@ class WriterError(AttnFormatError):
     """A streaming write was asked to do something its declaration does not allow."""
 
 
+class CollectionError(AttnFormatError):
+    """Files opened as one collection (:func:`attnformat.open_many`) disagree, or cannot be joined as asked."""
+
+
 class SelectionError(AttnFormatError, KeyError):
     """A selector (group, variable, layer, head, label) names something the file does not hold."""
 

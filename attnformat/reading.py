@@ -17,6 +17,7 @@ def open(  # noqa: A001 - the public name mirrors xarray's open_*
     source: str | os.PathLike | Location,
     *,
     storage_options: Mapping[str, Any] | None = None,
+    chunks: str | Mapping[str, Any] | None = None,
 ) -> xr.DataTree:
     """Open an attention file (a path or a URL) as a lazy, read-only :class:`xarray.DataTree`.
 
@@ -40,6 +41,19 @@ def open(  # noqa: A001 - the public name mirrors xarray's open_*
         fsspec options for URLs, e.g. ``{"endpoint_url": "http://127.0.0.1:9000"}`` for an
         S3-compatible server, ``{"anon": True}`` for a public bucket. Without an endpoint,
         ``s3://`` URLs honour ``AWS_ENDPOINT_URL_S3`` and ``AWS_ENDPOINT_URL``.
+    chunks
+        ``None`` (default): lazily indexed numpy-backed arrays, as before; selecting then reading
+        ``.values`` reads what the selection touches, and a reduction such as ``.mean()`` reads
+        the whole variable into memory. Anything else gives dask arrays whose chunks are whole
+        multiples of the chunks the file stores (no stored chunk is ever split between two dask
+        chunks): ``"auto"`` merges neighbouring stored chunks up to dask's ``array.chunk-size``
+        (128 MiB by default), so that a file of many small maps is a few tasks, not thousands;
+        ``"stored"`` or ``{}`` gives one dask chunk per stored chunk; a dict ``{dim: size}``
+        sets sizes per dimension (rounded to the nearest multiple of the stored chunk; ``-1`` for
+        the whole dimension, ``"auto"`` to merge along it; dims not named keep the stored chunk).
+        Every dask chunk is read through the engine's checked road (checksums, sizes, links
+        refused), in whichever process or cluster worker computes it: a worker opens the file by
+        its location. Indexes and small coordinates stay numpy. See :mod:`attnformat.compute`.
 
     Returns
     -------
@@ -59,6 +73,9 @@ def open(  # noqa: A001 - the public name mirrors xarray's open_*
     >>> tree = attnformat.open(attnformat.example_path("dense"))
     >>> tree["encoder/self"]["weights"].sel(layer=0, head=1).shape
     (6, 6)
+    >>> chunked = attnformat.open(attnformat.example_path("dense"), chunks="auto")
+    >>> chunked["encoder/self"]["weights"].chunks
+    ((2,), (3,), (6,), (6,))
     """
     location = Location.of(source, storage_options)
     if not location.is_url and not location.path.exists():
@@ -74,6 +91,10 @@ def open(  # noqa: A001 - the public name mirrors xarray's open_*
         # Network and protocol errors come in many classes (aiohttp, botocore, fsspec...).
         raise UnreadableFileError(f"{location}: cannot read ({type(error).__name__}: {error})") from error
     tree.encoding = {**tree.encoding, "source": location.text, "location": location}
+    if chunks is not None:
+        from attnformat.compute import chunked
+
+        tree = chunked(tree, chunks)
     return tree
 
 

@@ -27,7 +27,8 @@ def save(
     zarr_format: int = 3,
     keepbits: Mapping[str, int] | None = None,
     check: str = "full",
-) -> Path:
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | Location:
     """Validate a tree, then write it to ``path``; the suffix picks the storage.
 
     ``.zarr`` writes a Zarr directory store (format 3 unless ``zarr_format=2``), ``.zarr.zip`` a
@@ -41,7 +42,9 @@ def save(
     tree
         The tree to write; it must conform to the spec (see :func:`attnformat.validate`).
     path
-        Destination. Must not exist unless ``overwrite=True``.
+        Destination. Must not exist unless ``overwrite=True``. A URL (``s3://bucket/run.zarr``)
+        is written through the remote engine: staged locally, then uploaded with the root
+        metadata last, so a reader never sees a half-uploaded file as complete.
     overwrite
         Replace an existing file or directory.
     zarr_format
@@ -50,11 +53,14 @@ def save(
         Variable name -> mantissa bits to keep, e.g. ``{"weights": 10}``; lossy, declared.
     check
         ``"full"`` (metadata and values), ``"metadata"`` or ``"none"``: what to validate first.
+    storage_options
+        fsspec options for a URL destination (e.g. ``{"anon": False}``, an endpoint).
 
     Returns
     -------
-    pathlib.Path
-        The path written.
+    pathlib.Path or Location
+        The path written (the :class:`~attnformat.engines.Location` for a URL; ``str()`` of it is
+        the URL).
 
     Examples
     --------
@@ -68,6 +74,11 @@ def save(
     from attnformat.rules import DAMAGE_RULES
     from attnformat.validation import validate
 
+    location = Location.of(path, storage_options)
+    if location.is_url:
+        from attnformat.engines.remote import save_to_url
+
+        return save_to_url(tree, location, overwrite=overwrite, zarr_format=zarr_format, keepbits=keepbits, check=check)
     path = Path(path)
     engine = engine_for(path)
     if check != "none":
@@ -97,7 +108,10 @@ def save(
             staged = scratch / path.name
             # dask's own pool would keep writing chunks into the scratch directory after a task
             # failed (a full disk); leaving this block waits for every task already started.
-            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, dask.config.set(pool=pool):
+            # The threaded scheduler is named, not inherited: a dask.distributed Client makes
+            # itself the default, and the engine's lazy arrays are bound to this process's
+            # screened file (they refuse to be pickled), so a copy runs here.
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, dask.config.set(scheduler="threads", pool=pool):
                 engine.write_tree(tree, staged, encoding, zarr_format)
             move_into_place(staged, path)
         finally:
@@ -228,13 +242,13 @@ def convert(
     source
         Path or URL of the file to copy.
     destination
-        Local path to write; its suffix picks the storage.
+        Local path or URL (``s3://...``) to write; its suffix picks the storage.
     overwrite
         Replace an existing destination.
     zarr_format
         3 (default) or 2, for Zarr destinations.
     storage_options
-        fsspec options for a source URL.
+        fsspec options for a source or destination URL (both use the same options).
 
     Examples
     --------
@@ -246,7 +260,8 @@ def convert(
     from attnformat.reading import open as open_tree
 
     location = Location.of(source, storage_options)
-    destination = Path(destination)
+    target_location = Location.of(destination, storage_options)
+    destination = target_location if target_location.is_url else Path(destination)
     tree = for_streaming(open_tree(location))  # screened and opened by the source's engine
     target = engine_for(destination)
     changes = [

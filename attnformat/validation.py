@@ -146,6 +146,8 @@ def validate(
     *,
     check_values: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    scheduler=None,
+    progress: bool | None = None,
 ) -> ValidationReport:
     """Check a file (or an in-memory tree) against every rule of the spec.
 
@@ -159,6 +161,13 @@ def validate(
         reading only the chunks the file stores.
     storage_options
         fsspec options for a URL (credentials, ``endpoint_url``...), as for :func:`attnformat.open`.
+    scheduler
+        Where the value checks run, as a dask graph over blocks of stored chunks: ``"threads"``
+        (default: every local core), ``"processes"``, ``"synchronous"``, a
+        ``dask.distributed.Client`` or a scheduler address (see :mod:`attnformat.compute`). The
+        findings are the same whichever runs them.
+    progress
+        Progress bar on stderr for long value checks; by default only when stderr is a terminal.
 
     Returns
     -------
@@ -202,42 +211,106 @@ def validate(
     for node in tree.subtree:
         if is_site(node.attrs):
             try:
-                _check_site(node, report, check_values, storage)
+                _check_site(node, report, check_values, storage, _Schedule(scheduler, progress))
             except BrokenStoreError as error:  # damage found while reading: a finding, not a crash
                 finding = Finding(error.rule_id, "error", error.location or "/", str(error))
                 if finding not in report.findings:  # one damaged node can break several sites
                     report.add(error.rule_id, error.location, str(error))
     if check_values and storage is not None:
-        _check_every_chunk(tree, report, storage)
+        _check_every_chunk(tree, report, storage, _Schedule(scheduler, progress))
     if report.ok and version is not None and version_of(source) == version:
         remember_conforming(version)  # the viewer's direct road may now skip these checks
     return report
 
 
-def _check_every_chunk(tree: xr.DataTree, report: ValidationReport, storage: _Storage) -> None:
+def _check_every_chunk(tree: xr.DataTree, report: ValidationReport, storage: _Storage, schedule: _Schedule | None = None) -> None:
     """Read every stored chunk of every other variable once, so that the engine's checks
     (checksums, sizes, the chunk manifest) run on all of them: damage in a bias, an image, a
     distance or a coordinate is a finding too [ATTN-STORE-005/007]. Site weights were read by the
-    value checks already. One chunk in memory at a time."""
+    value checks already. Tasks of a dask graph read batches of stored chunks, one chunk in memory
+    at a time each; the first damage in file order is reported per variable."""
+    from attnformat import compute
+
+    schedule = schedule or _Schedule()
     for node in tree.subtree:
         site = is_site(node.attrs)
+        work = []
         for name, variable in node.to_dataset(inherit=False).variables.items():
             if site and name == "weights":
                 continue
             path = f"{node.path.strip('/')}/{name}".lstrip("/")
             try:
                 listing = storage.listing(path)
-                if listing is None or len(listing[0]) != variable.ndim:
-                    variable.values  # noqa: B018 - reading is the check
-                    continue
-                chunk_shape, stored = listing
-                for index in _stored_within(stored, _chunk_grid(variable.shape, chunk_shape)):
-                    region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk_shape))
-                    variable[region].values  # noqa: B018 - reading is the check
             except BrokenStoreError as error:
-                finding = Finding(error.rule_id, "error", error.location or "/", str(error))
-                if finding not in report.findings:
-                    report.add(error.rule_id, error.location, str(error))
+                _add_damage(report, error.rule_id, error.location, str(error))
+                continue
+            if listing is None or len(listing[0]) != variable.ndim:
+                work.append((name, [None]))
+                continue
+            chunk_shape, stored = listing
+            regions = [tuple((i * c, (i + 1) * c) for i, c in zip(index, chunk_shape))
+                       for index in sorted(_stored_within(stored, _chunk_grid(variable.shape, chunk_shape)))]
+            elements = max(1, math.prod(chunk_shape))
+            work.extend((name, batch) for batch in compute.batches(regions, lambda _: elements, _TASK_ELEMENTS))
+        done = set()
+        for (name, _), damage in zip(work, schedule.map(node, _read_chunks_task, work)):
+            if damage is not None and name not in done:
+                done.add(name)
+                _add_damage(report, *damage)
+
+
+#: Elements one value-check task reads (in blocks of at most BLOCK_ELEMENTS).
+_TASK_ELEMENTS = 4 * BLOCK_ELEMENTS
+
+
+@dataclass
+class _Schedule:
+    """Where the value checks' dask graphs run (see :func:`attnformat.compute.run`)."""
+
+    scheduler: Any = None
+    progress: bool | None = None
+
+    def local(self, node) -> bool:
+        """False for an in-memory tree sent to other processes (then it is checked here)."""
+        from attnformat import compute
+
+        return not (compute.portable(self.scheduler) and node.root.encoding.get("location") is None)
+
+    def run(self, tasks: list) -> list:
+        from attnformat import compute
+
+        return compute.run(tasks, scheduler=self.scheduler, progress=self.progress)
+
+    def map(self, node, function, batches: list, *args) -> list:
+        """``function(NodeRef, batch, *args)`` for every batch, as one graph; results in order."""
+        from attnformat import compute
+
+        where = compute.NodeRef(node)
+        if not self.local(node):
+            return [function(where, batch, *args) for batch in batches]
+        return self.run([compute.delayed(function, where, batch, *args) for batch in batches])
+
+
+def _add_damage(report: ValidationReport, rule_id: str, location: str | None, message: str) -> None:
+    finding = Finding(rule_id, "error", location or "/", message)
+    if finding not in report.findings:
+        report.add(rule_id, location, message)
+
+
+def _read_chunks_task(where, work: tuple) -> tuple | None:
+    """Read each region (a stored chunk) of one variable: ``(rule_id, location, message)`` of the
+    first damage found (plain values: they cross processes), or None."""
+    name, regions = work
+    variable = where.node().variables[name]
+    for region in regions:
+        try:
+            if region is None:
+                variable.values  # noqa: B018 - reading is the check
+            else:
+                variable[tuple(slice(start, stop) for start, stop in region)].values  # noqa: B018
+        except BrokenStoreError as error:
+            return error.rule_id, error.location, str(error)
+    return None
 
 
 # -- attributes through the JSON Schemas -------------------------------------------------------
@@ -306,7 +379,8 @@ def _check_root(tree: xr.DataTree, report: ValidationReport) -> None:
 # -- sites ----------------------------------------------------------------------------------------
 
 
-def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool, storage: _Storage | None = None) -> None:
+def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool, storage: _Storage | None = None,
+                schedule: _Schedule | None = None) -> None:
     location = node.path
     attrs = node.attrs
     _check_attributes(attrs, "site-attributes", location, report)
@@ -354,11 +428,11 @@ def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool,
         _check_stored_chunks(dataset, location, storage, report, _attention_names(layout))
     if check_values and not any(f.level == "error" and f.location.startswith(location) for f in report.findings):
         if layout == "topk":
-            _check_topk_values(dataset, attrs, location, report, storage)
+            _check_topk_values(dataset, attrs, location, report, storage, node, schedule or _Schedule())
         elif layout == "statistics":
             _check_statistics_values(dataset, attrs, location, report, storage)
         else:
-            _check_values(dataset, attrs, location, report, storage)
+            _check_values(dataset, attrs, location, report, storage, node, schedule or _Schedule())
 
 
 def _check_attention_variable(dataset, name, layout, attrs, location, report) -> None:
@@ -633,7 +707,8 @@ def _key_coordinate_at(dataset, name, dims, region, index):
     return values[samples, index]
 
 
-def _check_topk_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None) -> None:
+def _check_topk_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None,
+                       node: xr.DataTree | None = None, schedule: _Schedule | None = None) -> None:
     """ATTN-TOPK-002..004 (and ATTN-VAL-001 on the kept weights), in blocks of whole rows over the
     chunks of ``weights`` the file stores."""
     weights = dataset["weights"]
@@ -648,11 +723,41 @@ def _check_topk_values(dataset: xr.Dataset, attrs, location: str, report: Valida
     listing = storage.listing(where.lstrip("/")) if storage is not None else None
     tally = _Tally(("range", "index", "order", "omitted", "causal", "mask"))
     causal = _as_json(attrs.get("causal")) == 1 and _as_json(attrs.get("attention_type", "self")) == "self"
+    from attnformat import compute
+
+    blocks = [block for block in _row_blocks(weights, "rank", listing) if block.complete and len(block.pieces) == 1]
+    work = compute.batches(blocks, _block_elements, _TASK_ELEMENTS)
+    settings = (count, normalization, tolerance, causal)
+    if node is None:
+        parts = [_check_topk_blocks(dataset, batch, *settings) for batch in work]
+    else:
+        parts = (schedule or _Schedule()).map(node, _topk_blocks_task, work, *settings)
+    for part in parts:
+        tally.merge(part)
+    messages = {
+        "range": ("ATTN-VAL-001", "{n} kept weights outside [0, 1]; first at {at}", "weights"),
+        "index": ("ATTN-TOPK-002", "{n} bad key indices; first at {at} ({detail}): each kept weight needs a key index in [0, key_count), no repeats in a row, and -1 where the weight is NaN", "key_index"),
+        "order": ("ATTN-TOPK-003", "{n} rows out of order; first at {at} ({detail}): kept weights do not increase along rank and NaN comes only at the end", "weights"),
+        "causal": ("ATTN-VAL-003", "{n} kept weights on keys after the query in causal self-attention; first at {at}", "weights"),
+        "mask": ("ATTN-VAL-004", "{n} kept weights on keys whose key_mask is false; first at {at}", "weights"),
+        "omitted": ("ATTN-TOPK-004", "{n} rows with a wrong omitted_weight; first at {at} ({detail}): it must lie in [0, 1], equal 1 - sum(kept) and not exceed (key_count - kept) * smallest kept weight, within " + f"{tolerance:g}", "omitted_weight"),
+    }
+    _report_tally(tally, messages, location, report)
+
+
+def _topk_blocks_task(where, blocks, *settings) -> _Tally:
+    return _check_topk_blocks(where.node().to_dataset(inherit=False), blocks, *settings)
+
+
+def _check_topk_blocks(dataset, blocks, count, normalization, tolerance, causal) -> _Tally:
+    """One task of the top-k value checks: its blocks of whole rows, into a tally of its own."""
+    weights = dataset["weights"]
+    index = dataset.get("key_index")
+    omitted = dataset.get("omitted_weight")
     dims = weights.dims
     row_dims = dims[:-1]
-    for block in _row_blocks(weights, "rank", listing):
-        if not block.complete or len(block.pieces) != 1:
-            continue  # rows of a top-k site are short: always whole in a chunk, as written
+    tally = _Tally(("range", "index", "order", "omitted", "causal", "mask"))
+    for block in blocks:  # rows of a top-k site are short: always whole in a chunk, as written
         region = block.region(block.pieces[0])
         starts = block.row_starts()
         kept = np.asarray(weights.isel(region).values, dtype=np.float64)
@@ -702,15 +807,7 @@ def _check_topk_values(dataset: xr.Dataset, attrs, location: str, report: Valida
                               | ((kept_count > 0) & (mass > (count - kept_count) * smallest + tolerance)))
         tally.add("omitted", bad, row_dims, starts,
                   lambda flat: f"omitted_weight {mass.reshape(-1)[flat]:.4g}, kept sum {total.reshape(-1)[flat]:.4g}, smallest kept {smallest.reshape(-1)[flat]:.4g}")
-    messages = {
-        "range": ("ATTN-VAL-001", "{n} kept weights outside [0, 1]; first at {at}", "weights"),
-        "index": ("ATTN-TOPK-002", "{n} bad key indices; first at {at} ({detail}): each kept weight needs a key index in [0, key_count), no repeats in a row, and -1 where the weight is NaN", "key_index"),
-        "order": ("ATTN-TOPK-003", "{n} rows out of order; first at {at} ({detail}): kept weights do not increase along rank and NaN comes only at the end", "weights"),
-        "causal": ("ATTN-VAL-003", "{n} kept weights on keys after the query in causal self-attention; first at {at}", "weights"),
-        "mask": ("ATTN-VAL-004", "{n} kept weights on keys whose key_mask is false; first at {at}", "weights"),
-        "omitted": ("ATTN-TOPK-004", "{n} rows with a wrong omitted_weight; first at {at} ({detail}): it must lie in [0, 1], equal 1 - sum(kept) and not exceed (key_count - kept) * smallest kept weight, within " + f"{tolerance:g}", "omitted_weight"),
-    }
-    _report_tally(tally, messages, location, report)
+    return tally
 
 
 def _check_statistics_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None) -> None:
@@ -1002,6 +1099,13 @@ class _Tally:
         self.counts = dict.fromkeys(kinds, 0)
         self.first = {}
 
+    def merge(self, other: _Tally) -> None:
+        """Add the counts of a tally of later blocks (the first finding of each kind stays first)."""
+        for kind, count in other.counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + count
+        for kind, first in other.first.items():
+            self.first.setdefault(kind, first)
+
     def add(self, kind: str, bad: np.ndarray, dims: tuple, starts: dict, detail) -> None:
         count = int(np.count_nonzero(bad))
         if not count:
@@ -1012,7 +1116,8 @@ class _Tally:
             self.first[kind] = (_leading_at(dims, starts, bad.shape, flat), detail(flat) if callable(detail) else detail)
 
 
-def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None) -> None:
+def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None,
+                  node: xr.DataTree | None = None, schedule: _Schedule | None = None) -> None:
     normalization = _as_json(attrs.get("normalization"))
     if "weights" not in dataset.data_vars or normalization not in ("softmax", "sparsemax"):
         return
@@ -1031,10 +1136,18 @@ def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationR
     tolerance = _tolerance(weights)
     causal = _as_json(attrs.get("causal")) == 1 and _as_json(attrs.get("attention_type", "self")) == "self" and layout == "dense"
     listing = storage.listing(where.lstrip("/")) if storage is not None else None
+    from attnformat import compute
+
+    blocks = list(_row_blocks(weights, axis_dim, listing))
+    work = compute.batches(blocks, _block_elements, _TASK_ELEMENTS)
+    settings = (normalization, layout, along, causal, tolerance)
+    if node is None:  # called on a Dataset alone: checked here, block by block
+        tallies = [_check_blocks_of(dataset, batch, *settings) for batch in work]
+    else:
+        tallies = (schedule or _Schedule()).map(node, _check_blocks_task, work, *settings)
     tally = _Tally()
-    groups = _EdgeGroups(dataset, along) if layout == "edge" else None
-    for block in _row_blocks(weights, axis_dim, listing):
-        _check_block(dataset, weights, block, normalization, layout, along, causal, tolerance, groups, tally)
+    for part in tallies:
+        tally.merge(part)
     messages = {
         "range": ("ATTN-VAL-001", "{n} values outside [0, 1]; first at {at} ({detail})"),
         "sum": ("ATTN-VAL-002", "{n} rows do not sum to 1 (tolerance {tol:g}); first at {at} ({detail})"),
@@ -1048,7 +1161,26 @@ def _check_values(dataset: xr.Dataset, attrs, location: str, report: ValidationR
             report.add(rule_id, where, template.format(n=count, at=_describe(selection), detail=detail, tol=tolerance))
     if normalization == "softmax" and "logits" in dataset.data_vars and layout == "dense" and along == "key":
         logits_listing = storage.listing(f"{location.strip('/')}/logits") if storage is not None else None
-        _check_softmax_of_logits(dataset, tolerance, location, report, logits_listing)
+        _check_softmax_of_logits(dataset, tolerance, location, report, logits_listing, node, schedule)
+
+
+def _block_elements(block: _RowBlock) -> int:
+    rows = math.prod(stop - start for start, stop in block.rows)
+    return max(1, rows * sum(stop - start for start, stop in block.pieces))
+
+
+def _check_blocks_of(dataset, blocks, normalization, layout, along, causal, tolerance) -> _Tally:
+    """One task's value checks: its blocks of whole rows, in order, into a tally of its own."""
+    weights = dataset["weights"]
+    groups = _EdgeGroups(dataset, along) if layout == "edge" else None
+    tally = _Tally()
+    for block in blocks:
+        _check_block(dataset, weights, block, normalization, layout, along, causal, tolerance, groups, tally)
+    return tally
+
+
+def _check_blocks_task(where, blocks, *settings) -> _Tally:
+    return _check_blocks_of(where.node().to_dataset(inherit=False), blocks, *settings)
 
 
 class _EdgeGroups:
@@ -1146,14 +1278,36 @@ def _judged_rows(dataset, dims, region):
     return True if mask is None else mask.astype(bool)
 
 
-def _check_softmax_of_logits(dataset, tolerance, location, report, listing=None) -> None:
-    """ATTN-VAL-005 (a SHOULD rule): checked on rows that fit one block, up to the first difference."""
+def _check_softmax_of_logits(dataset, tolerance, location, report, listing=None, node=None, schedule=None) -> None:
+    """ATTN-VAL-005 (a SHOULD rule): checked on rows that fit one block; the first difference in
+    file order is reported (tasks of a dask graph check batches of blocks)."""
+    from attnformat import compute
+
     logits_array, weights_array = dataset["logits"], dataset["weights"]
     if logits_array.dims != weights_array.dims or "key" not in logits_array.dims:
         return
-    for block in _row_blocks(logits_array, "key", listing):
-        if not block.complete or len(block.pieces) != 1:
-            continue
+    blocks = [block for block in _row_blocks(logits_array, "key", listing) if block.complete and len(block.pieces) == 1]
+    work = compute.batches(blocks, _block_elements, _TASK_ELEMENTS)
+    if node is None:
+        found = [_first_logits_difference(dataset, batch, tolerance) for batch in work]
+    else:
+        found = (schedule or _Schedule()).map(node, _logits_task, work, tolerance)
+    first = next((item for item in found if item is not None), None)
+    if first is not None:
+        difference, at = first
+        report.add("ATTN-VAL-005", f"{location.rstrip('/')}/logits",
+                   f"softmax(logits) differs from weights by up to {difference:.3g} at {_describe(at)}")
+
+
+def _logits_task(where, blocks, tolerance):
+    return _first_logits_difference(where.node().to_dataset(inherit=False), blocks, tolerance)
+
+
+def _first_logits_difference(dataset, blocks, tolerance) -> tuple[float, dict] | None:
+    """``(largest difference, position)`` in the first block of ``blocks`` where softmax(logits)
+    and weights differ by more than ``tolerance``; None if none does."""
+    logits_array, weights_array = dataset["logits"], dataset["weights"]
+    for block in blocks:
         region = block.region(block.pieces[0])
         logits = _read_block(logits_array, region)
         weights = _read_block(weights_array, region)
@@ -1172,6 +1326,5 @@ def _check_softmax_of_logits(dataset, tolerance, location, report, listing=None)
             starts = block.row_starts()
             row_dims = [d for i, d in enumerate(logits_array.dims) if i != block.axis]
             at = {d: int(starts[d] + i) for d, i in zip(row_dims, row_positions) if d in LEADING_DIMS}
-            report.add("ATTN-VAL-005", f"{location.rstrip('/')}/logits",
-                       f"softmax(logits) differs from weights by up to {float(differences[over].max()):.3g} at {_describe(at)}")
-            return
+            return float(differences[over].max()), at
+    return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -45,9 +46,16 @@ from attnformat.conventions import (
     canonical_dims,
 )
 from attnformat.encoding import bitround, is_map, map_chunks
-from attnformat.engines import engine_name_for_path
+from attnformat.engines import Location, engine_name_for_path
 from attnformat.engines.placement import WriterLock, move_into_place
-from attnformat.engines.zarr_stream import StreamingStore, check_node_path, name_problem
+from attnformat.engines.zarr_stream import (
+    RegionLedger,
+    StreamingStore,
+    check_node_path,
+    chunk_lengths,
+    name_problem,
+    reopen_store,
+)
 from attnformat.errors import AttnFormatError, SelectionError, WriteFailedError, WriterError
 from attnformat.resolving import position
 
@@ -89,7 +97,7 @@ class Writer:
     Parameters
     ----------
     path
-        Destination: ``.zarr``, ``.zarr.zip``, ``.h5`` or ``.nc``.
+        Destination: ``.zarr``, ``.zarr.zip``, ``.h5`` or ``.nc``, a local path or a URL (see ``storage_options``).
     model_name, model_framework, model_adapter, description
         Root attributes describing where the attention came from.
     producer
@@ -103,11 +111,57 @@ class Writer:
         is left of a crashed run).
     zarr_format
         3 (default) or 2.
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://bucket/run.zarr``): the file is written in a
+        local temporary folder and uploaded whole when the writer closes complete.
     write_behind
         Return from :meth:`SiteWriter.write` while the map is still being compressed and
         stored, so that the caller computes the next layer meanwhile (at most one map in
         flight). If the process is killed, that one map may be missing (it reads as NaN); by
         default every ``write`` is on disk when it returns.
+    regions
+        Declare a store that several processes will fill, each a region (a span of positions) of
+        one leading dimension: ``{"sample": 8}`` means regions along ``sample`` on multiples of
+        8 positions (the stored chunks along ``sample`` divide 8, so no chunk is shared by two
+        regions). This writer only declares: sites, coordinates, steps (``coords={"step":
+        [...]}``, fixed in advance when regions are along ``step``); :meth:`close` leaves the
+        declared store at ``<path>.partial.zarr`` (incomplete) for the region writers.
+    mode
+        ``"w"`` (default): a new file. ``"r+"``: write one region of a store declared with
+        ``regions`` (``region`` says which); the sites are those declared (``writer.sites``).
+    region
+        With ``mode="r+"``: ``{dim: slice(start, stop)}``, positions this process writes. It must
+        not split a stored chunk nor overlap a region another live process writes or one
+        already written (both refused with :class:`~attnformat.errors.WriterError`).
+    finalize
+        With ``mode="r+"``: when this writer closes and every region is written, seal the store
+        (completeness ``"complete"``, chunk manifest, consolidated metadata) and move it into
+        place. Without it (or when a region is missing) call :func:`finalize`.
+
+    Several processes
+    -----------------
+    Two writers of one store must never write the same chunk: both read it, merge their part and
+    write it back, and one of them loses what the other wrote (two plain zarr writers of disjoint
+    layers of 12 lose 0 to 6 of them, a different number each run). So either each process writes
+    its own file and :func:`attnformat.open_many` joins them (simplest; any engine; nothing to
+    coordinate), or one store is declared once and each process writes a region of whole chunks
+    (one ``.zarr`` result, no joining step; Zarr partial store only, local filesystem with
+    ``flock``). A ``torch.distributed`` job (no torch in attnformat; ``rank``/``world`` are the
+    job's)::
+
+        per_rank = samples // world                   # regions on multiples of per_rank
+        if rank == 0:
+            with attnformat.Writer(out, model_name=name, regions={"sample": per_rank}) as w:
+                w.create_site("encoder/self", sizes={"sample": samples, "layer": L, "head": H,
+                              "query": T, "key": T}, coords=coords)
+        torch.distributed.barrier()                  # the layout exists before anyone writes
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        with attnformat.Writer(out, mode="r+", region={"sample": mine}) as w:
+            for layer in range(L):
+                w.sites["encoder/self"].write("weights", maps[layer], layer=layer)  # (per_rank, H, T, T)
+        # the last rank to close seals the file; a rank that died leaves it incomplete and
+        # readable (<out>.partial.zarr); rerun that rank's region, or attnformat.finalize(out,
+        # allow_incomplete=True)
 
     Examples
     --------
@@ -135,19 +189,46 @@ class Writer:
         overwrite: bool = False,
         zarr_format: int = 3,
         write_behind: bool = False,
+        regions: Mapping[str, int] | None = None,
+        mode: str = "w",
+        region: Mapping[str, slice] | None = None,
+        finalize: bool = True,
+        storage_options: Mapping | None = None,
     ):
+        location = Location.of(path, storage_options)
+        #: Where the finished file is uploaded (a URL), or None for a local file.
+        self.remote = location if location.is_url else None
+        if self.remote is not None:
+            if mode != "w" or regions is not None:
+                raise WriterError(f"{location}: region writes need a local filesystem (they coordinate with file locks); "
+                                  "write per-process files and upload them, or write regions locally")
+            # Written locally (a partial store, sealed at close), then uploaded whole (engines/remote).
+            path = Path(tempfile.mkdtemp(prefix="attnformat-writer-")) / location.name
         self.path = Path(path)
         self.write_behind = write_behind
         self.engine_name = engine_name_for_path(self.path)
         self.closed = False
         self._lock = None
+        self._claim = None
+        self.region: tuple[str, int, int] | None = None
+        self.regions: dict[str, int] = {}
+        self.store_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        if mode not in ("w", "r+"):
+            raise WriterError(f"{self.path}: mode must be 'w' (a new file) or 'r+' (a region of a declared store), not {mode!r}")
+        if mode == "r+":
+            if regions is not None:
+                raise WriterError(f"{self.path}: regions= declares a new store (mode='w'); in mode='r+' give region=")
+            self._open_region(region, finalize)
+            return
+        if region is not None:
+            raise WriterError(f"{self.path}: region= writes into a declared store: pass mode='r+'")
+        self.regions = _checked_regions(self.path, regions)
         if self.path.exists() and not overwrite:
             raise AttnFormatError(f"{self.path}: already exists; pass overwrite=True to replace it")
         if zarr_format not in (2, 3):
             raise WriterError(f"{self.path}: zarr_format must be 2 or 3, not {zarr_format!r}")
         self.overwrite = overwrite
         self.zarr_format = zarr_format
-        self.store_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = WriterLock(self.path)  # before looking at the partial: it may be another writer's
         try:
@@ -158,6 +239,9 @@ class Writer:
                         f"attnformat.open({str(self.store_path)!r})); pass overwrite=True to replace it, or move it away"
                     )
                 shutil.rmtree(self.store_path)
+            if self.regions:
+                # No partial store, so nobody writes regions of it: bookkeeping left there is stale.
+                shutil.rmtree(_ledger_path(self.path), ignore_errors=True)
             root_attrs = {
                 ROOT_FORMAT: FORMAT_NAME,
                 ROOT_VERSION: FORMAT_VERSION,
@@ -221,6 +305,8 @@ class Writer:
         (('head', 'query'), 'int32', 2, 8)
         """
         self._check_open()
+        if self.region is not None:
+            raise WriterError(f"{self.path}: a region writer writes the declared sites ({', '.join(self.sites)}); it declares none")
         name = check_node_path(name, str(self.path))
         if name in self.sites or any(other.startswith(name + "/") or name.startswith(other + "/") for other in self.sites):
             raise WriterError(f"{self.path}: site {name!r} is already declared, or lies inside or around a declared site")
@@ -250,6 +336,10 @@ class Writer:
         """
         if self.closed:
             return self.path
+        if self.region is not None:
+            return self._close_region(complete)
+        if self.regions:
+            return self._close_declaration(complete)
         self.closed = True
         try:
             if self.store.failed:
@@ -262,6 +352,10 @@ class Writer:
                 self._finish(complete=False)
                 raise
             self._finish(complete)
+            if self.remote is not None:
+                from attnformat.engines.remote import upload_finished
+
+                upload_finished(self.path, self.remote, overwrite=self.overwrite)
         finally:
             self.store.close()
             self._release()
@@ -309,6 +403,89 @@ class Writer:
                     pass  # the disk refuses even that; the error being raised says what happened
             raise
 
+    # -- several writers ---------------------------------------------------------------------
+    def _open_region(self, region, finalize: bool) -> None:
+        """Open the declared store ``<path>.partial.zarr`` to write ``region`` (mode "r+")."""
+        self.finalize_when_whole = finalize
+        if not isinstance(region, Mapping) or len(region) != 1:
+            raise WriterError(f"{self.path}: mode='r+' needs region={{dim: slice(start, stop)}} (one dimension), not {region!r}")
+        if not self.store_path.is_dir():
+            state = "is finished already" if self.path.exists() else "has no declared store"
+            raise WriterError(f"{self.path}: {state} ({self.store_path} does not exist); declare it first with "
+                              "Writer(path, regions={dim: width}) and close that writer before region writers start")
+        ledger = RegionLedger(self.store_path, _ledger_path(self.path))
+        declaration = ledger.declaration()
+        if declaration is None:
+            raise WriterError(f"{self.path}: {self.store_path} has no declared layout (yet): its declaring writer has not closed; "
+                              "start region writers after it (a barrier)")
+        (dim, span), = region.items()
+        size = int(declaration["size"])
+        if dim != declaration["dim"]:
+            raise WriterError(f"{self.path}: the store is declared for regions along {declaration['dim']!r}, not {dim!r}")
+        if not isinstance(span, slice) or span.step not in (None, 1):
+            raise WriterError(f"{self.path}: region {dim} must be a slice of positions, not {span!r}")
+        start, stop, _ = span.indices(size)
+        if stop <= start or (span.stop is not None and span.stop > size):
+            raise WriterError(f"{self.path}: region {dim}={_shown(span)} is not a span of positions inside 0..{size - 1}")
+        self.ledger, self.declaration = ledger, declaration
+        self.overwrite = bool(declaration.get("overwrite", False))
+        self.zarr_format = int(declaration.get("zarr_format", 3))
+        # Index coordinates (sample, step, layer labels) are the declaring writer's; the rest may be written.
+        names = [f"{site}/{name}" for site, record in declaration["sites"].items()
+                 for name, dims in {**record["dims"], **record["coord_dims"]}.items() if list(dims) != [name]]
+        self.store = reopen_store(self.store_path, names, write_behind=self.write_behind)
+        # Two writers of one chunk lose data: a region must consist of whole chunks.
+        for name, length in sorted(chunk_lengths(self.store, dim).items()):
+            if start % length or (stop % length and stop != size):
+                raise WriterError(
+                    f"{self.path}: region {dim}={start}:{stop} splits the stored chunks of {name} ({length} {dim} per chunk); "
+                    f"two writers of one chunk lose data: use regions on multiples of {length}"
+                )
+        self._claim = ledger.claim(start, stop)
+        self.region = (dim, start, stop)
+        self.sites = {name: SiteWriter._reopened(self, name, record) for name, record in declaration["sites"].items()}
+
+    def _close_region(self, complete: bool) -> Path:
+        self.closed = True
+        try:
+            try:
+                self.store.flush()
+            except BaseException:
+                complete = False
+                raise
+            finally:
+                self.store.close()
+                if complete and not self.store.failed:
+                    self._claim.finish()  # only once every chunk of the region is on disk
+                else:
+                    self._claim.release()  # the region stays missing: the file stays incomplete
+        finally:
+            self._claim.release()
+        if complete and self.finalize_when_whole:
+            self.ledger.seal_once(lambda: _seal_declared(self.path, self.store_path, self.ledger, complete=True))
+        return self.path
+
+    def _close_declaration(self, complete: bool) -> Path:
+        """Record the declared layout and leave the store for the region writers."""
+        self.closed = True
+        try:
+            if complete and not self.store.failed:
+                dim, width = next(iter(self.regions.items()))
+                sizes = {name: site.sizes.get(dim) for name, site in self.sites.items()}
+                if not sizes:
+                    raise WriterError(f"{self.path}: declare at least one site before closing a store declared for regions")
+                if len(set(sizes.values())) != 1 or None in sizes.values():
+                    raise WriterError(f"{self.path}: every site must have the region dimension {dim!r} with one size; sizes {sizes}")
+                self.store.flush()
+                RegionLedger(self.store_path, _ledger_path(self.path)).declare({
+                    "dim": dim, "width": width, "size": next(iter(sizes.values())), "overwrite": self.overwrite,
+                    "zarr_format": self.zarr_format, "sites": {name: site._record() for name, site in self.sites.items()},
+                })
+        finally:
+            self.store.close()
+            self._release()
+        return self.path
+
     def _release(self) -> None:
         if self._lock is not None:
             self._lock.release()
@@ -322,6 +499,9 @@ class Writer:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.region is not None or self.regions:
+            self.close(complete=exc_type is None)
+            return
         if isinstance(exc, WriteFailedError) and not self.closed:
             # The storage failed: leave the partial as it is (incomplete), let go of the lock, and
             # let the original error say what happened.
@@ -400,8 +580,17 @@ class SiteWriter:
             raise WriterError(f"{self.where}: a {layout} site needs dimensions {needed} in sizes [{rule}]")
         declared = canonical_dims(sizes)
         self.sizes = {dim: int(sizes[dim]) for dim in declared}
-        self.growing = {dim for dim in declared if dim in LEADING_DIMS and (dim == "step" or self.sizes[dim] == 0)}
-        if "step" in self.sizes:
+        # Steps grow as they are written, unless processes write regions of steps: then the steps
+        # are declared in advance (coords={"step": [...]}), and nothing grows.
+        self._regions = dict(writer.regions)
+        fixed_steps = "step" in self._regions
+        if fixed_steps and "step" in self.sizes and "step" in coords:
+            self.sizes["step"] = len(np.atleast_1d(np.asarray(coords["step"])))
+        self.growing = {dim for dim in declared if dim in LEADING_DIMS and ((dim == "step" and not fixed_steps) or self.sizes[dim] == 0)}
+        for dim in self._regions:
+            if dim not in self.sizes or dim in self.growing:
+                raise WriterError(f"{self.where}: regions along {dim!r} need {dim!r} in sizes with its full size (it cannot grow)")
+        if "step" in self.sizes and not fixed_steps:
             self.sizes["step"] = 0
         self.labels: dict[str, list] = {}
         self.coord_dims: dict[str, tuple[str, ...]] = {}
@@ -434,6 +623,75 @@ class SiteWriter:
             else:
                 self._create_array(variable, dims, self.dtype, fill_value=np.nan, attrs=attrs)
                 self.dtypes[variable] = self.dtype
+        if self._regions:
+            # Chunks are fixed now, so that every chunk lies inside one region (written by one process).
+            for variable, dims in self.dims.items():
+                shape = tuple(self.sizes[d] for d in dims)
+                chunks = self._chunks(dims, shape) if is_map(dims) else shape
+                self.store.rechunk(f"{self.name}/{variable}", _region_chunks(dims, chunks, self._regions))
+                self._fitted.add(variable)
+            if "step" in self._regions:
+                steps = self.labels.get("step", [])
+                if any(b <= a for a, b in zip(steps, steps[1:])):
+                    raise WriterError(f"{self.where}: steps {steps} must strictly increase [ATTN-COORD-001]")
+
+    # -- several writers ---------------------------------------------------------------------
+    def _record(self) -> dict:
+        """What a region writer needs to know of this site (JSON), kept in the store's declaration."""
+        return {
+            "dims": {k: list(v) for k, v in self.dims.items()},
+            "dtypes": {k: str(v) for k, v in self.dtypes.items()},
+            "coord_dims": {k: list(v) for k, v in self.coord_dims.items()},
+            "sizes": dict(self.sizes),
+            "labels": {k: list(v) for k, v in self.labels.items()},
+            "keepbits": {k: int(v) for k, v in self.keepbits.items()},
+            "attrs": _jsonable(self.attrs),
+        }
+
+    @classmethod
+    def _reopened(cls, writer, name: str, record: dict) -> SiteWriter:
+        """The site as declared, for a region writer (nothing is created or re-chunked)."""
+        site = cls.__new__(cls)
+        site.writer, site.name, site.store = writer, name, writer.store
+        site.where = f"{writer.path}:{name}"
+        site.attrs = dict(record["attrs"])
+        site.dims = {k: tuple(v) for k, v in record["dims"].items()}
+        site.dtypes = {k: np.dtype(v) for k, v in record["dtypes"].items()}
+        site.dtype = next(iter(site.dtypes.values()), np.dtype("float32"))
+        site.coord_dims = {k: tuple(v) for k, v in record["coord_dims"].items()}
+        site.sizes = {k: int(v) for k, v in record["sizes"].items()}
+        site.labels = {k: list(v) for k, v in record["labels"].items()}
+        site.keepbits = dict(record["keepbits"])
+        site.growing, site._regions = set(), {}
+        site._fitted = set(site.dims)
+        site._coord_chunks, site._coordinates_of, site._group_coordinates = {}, {}, False
+        return site
+
+    def _in_region(self, name: str, dims, selection: dict) -> dict:
+        """The selection of a region writer's write, the region added when it names none; refuses
+        what a declaring writer or a region writer may not write."""
+        if self._regions:
+            raise WriterError(f"{self.where}/{name}: this writer only declares the store; write with "
+                              f"Writer({str(self.writer.path)!r}, mode='r+', region={{...}}) after closing it")
+        if self.writer.region is None:
+            return selection
+        dim, start, stop = self.writer.region
+        if tuple(dims) == (name,):
+            raise WriterError(f"{self.where}/{name}: the labels of {name!r} are declared by the declaring writer, not written by regions")
+        if dim not in dims:
+            raise WriterError(f"{self.where}/{name}: has no {dim!r} dimension, so it lies outside this writer's region {dim}={start}:{stop}")
+        if dim not in selection:
+            selection = {**selection, dim: slice(start, stop)}
+        return selection
+
+    def _check_inside(self, name: str, dims, region) -> None:
+        if self.writer.region is None:
+            return
+        dim, start, stop = self.writer.region
+        part = region[list(dims).index(dim)]
+        first, last = (part.start, part.stop) if isinstance(part, slice) else (part, part + 1)
+        if first < start or last > stop:
+            raise WriterError(f"{self.where}/{name}: {dim} {first}:{last} lies outside this writer's region {dim}={start}:{stop}")
 
     # -- declaration -------------------------------------------------------------------------
     def _write_coords(self, coords: Mapping) -> None:
@@ -457,6 +715,8 @@ class SiteWriter:
             self.coord_dims[name] = dims
             dtype = str if values.dtype.kind in "OUT" else values.dtype
             chunk_shape = tuple(self._coord_chunks.get(name, values.shape)) or None
+            if chunk_shape and dims != (name,):  # per-sample labels etc., written by region writers
+                chunk_shape = _region_chunks(dims, chunk_shape, self._regions)
             self._new_array(name, values.shape, dims, dtype, fill_value=None, chunks=chunk_shape)
             if values.size:
                 self.store.write_all(f"{self.name}/{name}", values)
@@ -534,6 +794,8 @@ class SiteWriter:
         >>> site = writer.create_site("self", sizes={"query": 3, "key": 3})
         >>> site.add_variable("distance", np.ones((3, 3)), ("query", "key"), attrs={"role": "pairwise", "units": "angstrom"})
         """
+        if self.writer.region is not None:
+            raise WriterError(f"{self.where}/{name}: a region writer writes declared variables only; declare {name!r} in the declaring writer")
         values = np.asarray(values)
         dims = tuple(dims)
         if values.ndim != len(dims):
@@ -572,6 +834,7 @@ class SiteWriter:
         if variable not in self.dims:
             raise WriterError(f"{self.where}: no variable {variable!r}; declared: {', '.join(self.dims)}")
         dims = self.dims[variable]
+        selection = self._in_region(variable, dims, selection)
         extra = [d for d in selection if d not in dims]
         if extra:
             raise WriterError(f"{self.where}/{variable}: cannot select {extra}; its dimensions are {dims}")
@@ -608,6 +871,7 @@ class SiteWriter:
             widths = {dim: part.stop - part.start for dim, part in zip(dims, region) if dim in spans}
             self.store.rechunk(f"{self.name}/{variable}", self._chunks(dims, tuple(self.sizes[d] for d in dims), separate=separate, widths=widths))
         self._fitted.add(variable)
+        self._check_inside(variable, dims, region)
         self.store.write(f"{self.name}/{variable}", tuple(region), values, f"{self.where}/{variable} [{where}]")
 
     def write_coordinate(self, name: str, values, **selection) -> None:
@@ -628,6 +892,7 @@ class SiteWriter:
         if name not in self.coord_dims:
             raise WriterError(f"{self.where}: no coordinate {name!r}; declared: {', '.join(self.coord_dims)}")
         dims = self.coord_dims[name]
+        selection = self._in_region(name, dims, selection)
         extra = [d for d in selection if d not in dims]
         if extra:
             raise WriterError(f"{self.where}/{name}: cannot select {extra}; its dimensions are {dims}")
@@ -648,6 +913,7 @@ class SiteWriter:
             raise WriterError(f"{self.where}/{name} [{where}]: values have shape {values.shape}, expected {tuple(expected)}")
         if values.dtype.kind in "OUT":
             values = values.astype(object)
+        self._check_inside(name, dims, region)
         self.store.write(f"{self.name}/{name}", tuple(region), values, f"{self.where}/{name} [{where}]")
 
     def _span(self, variable: str, dim: str, span: slice) -> slice:
@@ -689,6 +955,8 @@ class SiteWriter:
         """
         labels = self.labels.get(dim)
         dependents = [name for name, dims in self.coord_dims.items() if dim in dims and name != dim]
+        if self.writer.region is not None or self._regions:
+            raise WriterError(f"{self.where}: dimensions do not grow in a store written by regions; declare every {dim} in advance")
         if labels is None or dim not in LEADING_DIMS or dependents:
             raise WriterError(f"{self.where}: dimension {dim!r} cannot grow" + (f" ({', '.join(dependents)} depend on it)" if dependents else ""))
         if dim == "step":
@@ -703,6 +971,120 @@ class SiteWriter:
             if dim in dims:
                 self.store.resize(f"{self.name}/{name}", tuple(self.sizes[d] for d in dims))
         self.store.write(f"{self.name}/{dim}", (len(labels) - 1,), np.asarray(label), f"{self.where}/{dim} [{dim}={label!r}]")
+
+
+def _region_chunks(dims, chunks, regions: Mapping[str, int]) -> tuple[int, ...]:
+    """``chunks`` with the length along each region dimension a divisor of the region width, so
+    that a region of whole widths holds whole chunks.
+
+    Examples
+    --------
+    >>> _region_chunks(("sample", "query"), (12, 5), {"sample": 4}), _region_chunks(("sample",), (3,), {"sample": 4})
+    ((4, 5), (4,))
+    """
+    chunks = list(chunks)
+    for dim, width in regions.items():
+        if dim in dims:
+            position = list(dims).index(dim)
+            chunks[position] = min(_aligned(max(1, chunks[position]), width), width)
+    return tuple(chunks)
+
+
+def _checked_regions(path: Path, regions) -> dict[str, int]:
+    if regions is None:
+        return {}
+    if not isinstance(regions, Mapping) or len(regions) != 1:
+        raise WriterError(f"{path}: regions must name one dimension and its region width, e.g. {{'sample': 8}}, not {regions!r}")
+    (dim, width), = regions.items()
+    if dim not in LEADING_DIMS or not isinstance(width, (int, np.integer)) or isinstance(width, bool) or width < 1:
+        raise WriterError(f"{path}: regions={{{dim!r}: {width!r}}}: a leading dimension ({', '.join(LEADING_DIMS)}) and a positive width")
+    return {dim: int(width)}
+
+
+def _ledger_path(path: Path) -> Path:
+    """Where the region writers of ``path`` keep their bookkeeping: ``<path>.regions``."""
+    return path.with_name(path.name + ".regions")
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _seal_declared(path: Path, store_path: Path, ledger: RegionLedger, *, complete: bool) -> None:
+    """Seal a store written by regions (completeness, manifest, consolidated metadata), drop its
+    bookkeeping and move (or convert) it into place. Runs under the ledger's lock."""
+    declaration = ledger.declaration() or {}
+    store = reopen_store(store_path, [])
+    store.finish({ROOT_COMPLETENESS: "complete" if complete else "incomplete"})
+    overwrite = bool(declaration.get("overwrite", False))
+    if path.exists() and not overwrite:
+        raise AttnFormatError(f"{path}: appeared while writing; the data is kept in {store_path}")
+    ledger.remove()
+    if engine_name_for_path(path) == "zarr":
+        move_into_place(store_path, path)
+        return
+    from attnformat.saving import convert
+
+    convert(store_path, path, overwrite=overwrite, zarr_format=int(declaration.get("zarr_format", 3)))
+    shutil.rmtree(store_path)
+
+
+def finalize(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Path:
+    """Seal a store that several processes wrote by regions and put it at ``path``.
+
+    Region writers do this themselves when the last region is written (``Writer(...,
+    finalize=True)``, the default); call it when they were told not to, or to keep what a run
+    that lost a process wrote.
+
+    Parameters
+    ----------
+    path
+        The destination given to the declaring :class:`Writer`.
+    allow_incomplete : bool, default False
+        Seal even if regions are missing: the file then says ``completeness = "incomplete"`` and
+        its missing maps read as NaN. Without it, missing regions are an error naming them.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib, attnformat
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "run.zarr"
+    >>> with attnformat.Writer(out, regions={"sample": 2}) as declaring:
+    ...     _ = declaring.create_site("self", sizes={"sample": 4, "query": 2, "key": 2})
+    >>> for start in (0, 2):
+    ...     with attnformat.Writer(out, mode="r+", region={"sample": slice(start, start + 2)}, finalize=False) as w:
+    ...         w.sites["self"].write("weights", np.full((2, 2, 2), 0.5))
+    >>> finalize(out).name, attnformat.is_complete(attnformat.open(out))
+    ('run.zarr', True)
+    """
+    path = Path(path)
+    store_path = path.with_name(path.name + PARTIAL_SUFFIX)
+    ledger = RegionLedger(store_path, _ledger_path(path))
+    if not store_path.is_dir() or ledger.declaration() is None:
+        raise WriterError(f"{path}: no store declared for regions at {store_path}")
+    declaration = ledger.declaration()
+    missing = ledger.missing()
+    if missing and not allow_incomplete:
+        shown = ", ".join(f"{declaration['dim']}={a}:{b}" for a, b in missing)
+        raise WriterError(f"{path}: regions {shown} are not written (yet); write them, or pass allow_incomplete=True to keep it marked incomplete")
+    try:
+        with ledger._locked():
+            _seal_declared(path, store_path, ledger, complete=not ledger.missing())
+    except FileNotFoundError:
+        raise WriterError(f"{path}: sealed meanwhile by a region writer") from None
+    return path
 
 
 def _aligned(chunk: int, width: int) -> int:

@@ -118,8 +118,10 @@ def test_wheel_install_works_with_the_checkout_as_working_directory(tmp_path):
     # Elsewhere the wheel alone answers, moved command modules and schemas included.
     where = run("-c", "import attnformat, attnformat.viewer.cli, attnformat.adapters.cli, attnformat.cli.core; "
                       "from importlib import resources; print(attnformat.__file__); "
-                      "print(resources.files('attnformat.schemas').joinpath('root-attributes.schema.json').is_file())",
+                      "print(resources.files('attnformat.schemas').joinpath('root-attributes.schema.json').is_file()); "
+                      "print(resources.files('attnformat.viewer.explorer').joinpath('static/core.js').is_file())",
                 cwd=tmp_path)
-    assert where.split() == [str(target / "attnformat" / "__init__.py"), "True"]
+    # The explorer's page is assembled from its static files at run time: they must be in the wheel.
+    assert where.split() == [str(target / "attnformat" / "__init__.py"), "True", "True"]
     script = target / "bin" / "attnformat"
     assert f"{example}: conforms" in run(str(script), "validate", str(example))

@@ -24,6 +24,16 @@ import types
 
 #: Public name -> the module of ``attnformat.viewer`` that defines it.
 _EXPORTS: dict[str, str] = {
+    "changed_heads": "compare",
+    "diff": "compare",
+    "diff_summary": "compare",
+    "jsd_grid": "compare",
+    "Explorer": "explorer.notebook",
+    "explore": "explorer.notebook",
+    "serve": "explorer.server",
+    "to_bertviz": "explorer.interop",
+    "to_circuitsvis": "explorer.interop",
+    "write_page": "explorer.page",
     "PLOT_KINDS": "catalog",
     "PlotKind": "catalog",
     "main_variable": "catalog",

@@ -119,8 +119,9 @@ def _add_report(subparsers, help: str):  # noqa: A002
     parser = subparsers.add_parser("report", help=help, description=help[:1].upper() + help[1:] + ".")
     parser.add_argument("path", help="attention file or URL (.zarr, .zarr.zip, .h5, .nc)")
     parser.add_argument("-o", "--output", required=True, help="output directory")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
+    parser.add_argument("-q", "--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
     parser.add_argument("--workers", type=int, help="processes drawing plots, this one included (default: every CPU)")
+    add_scheduler_option(parser)
     add_storage_option(parser)
     parser.set_defaults(run=run_report)
     return parser
@@ -128,7 +129,12 @@ def _add_report(subparsers, help: str):  # noqa: A002
 
 def _add_stats(subparsers, help: str):  # noqa: A002
     parser = subparsers.add_parser("stats", help=help, description=help[:1].upper() + help[1:] + ".")
-    parser.add_argument("path", help="attention file or URL (.zarr, .zarr.zip, .h5, .nc)")
+    parser.add_argument("path", help="attention file or URL (.zarr, .zarr.zip, .h5, .nc); with --concat also a "
+                                     "directory or a glob pattern of files")
+    parser.add_argument("more_paths", nargs="*", metavar="PATH", help="more files, joined with --concat")
+    parser.add_argument("--concat", metavar="DIM",
+                        help="treat the files as one collection joined along DIM: sample, step, or a new dimension "
+                             "such as run (one summary per file)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("-o", "--output", help="also write the JSON to this file")
     parser.add_argument("--variable", default="weights")
@@ -136,12 +142,55 @@ def _add_stats(subparsers, help: str):  # noqa: A002
                         help="local/global: a pairwise distance below this is local (in the distance's units; default 8)")
     parser.add_argument("--query", type=_selector, action="append", dest="queries",
                         help="only these query rows (label or index; repeat for several), e.g. --query '[CLS]'")
+    parser.add_argument("-q", "--no-progress", action="store_true",
+                        help="no progress bar (none is shown when stderr is not a terminal)")
+    add_scheduler_option(parser)
     add_storage_option(parser)
     parser.set_defaults(run=run_stats)
     return parser
 
 
 _ADDERS = {"plot": _add_plot, "report": _add_report, "stats": _add_stats}
+
+
+def add_scheduler_option(parser) -> None:
+    """Give a subcommand that computes over a whole file ``--scheduler``.
+
+    Parameters
+    ----------
+    parser
+        The subcommand's parser; ``args.scheduler`` is None (threads) unless given.
+
+    Examples
+    --------
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser()
+    >>> add_scheduler_option(parser)
+    >>> parser.parse_args(["--scheduler", "tcp://10.0.0.5:8786"]).scheduler
+    'tcp://10.0.0.5:8786'
+    """
+    parser.add_argument("--scheduler", metavar="ADDRESS|threads|processes|synchronous",
+                        help="where the whole-file computation runs (a dask graph over the stored chunks): threads "
+                             "(default, every core), processes, synchronous, or a dask.distributed scheduler address "
+                             "such as tcp://HOST:8786 (gives up after 5 s if it does not answer)")
+
+
+def scheduler_keywords(args) -> dict:
+    """``scheduler=`` for the library call, checked before any file is opened (a bad name is one line, exit 2).
+
+    Examples
+    --------
+    >>> import argparse
+    >>> scheduler_keywords(argparse.Namespace(scheduler="sync"))
+    {'scheduler': 'sync'}
+    """
+    from attnformat.compute import scheduler_name
+
+    scheduler = getattr(args, "scheduler", None)
+    if scheduler is None:
+        return {}
+    scheduler_name(scheduler)  # raises AttnFormatError for a name that is neither a scheduler nor an address
+    return {"scheduler": scheduler}
 
 
 _PLOT_OPTIONS = ("site", "layer", "head", "sample", "step", "time", "node", "variable", "cmap", "vmin", "vmax", "log",
@@ -186,8 +235,13 @@ def run_report(args) -> int:
     """``attnformat report PATH -o DIR``."""
     from attnformat.viewer.report import report
 
+    import inspect
+
+    extra = scheduler_keywords(args)
+    if extra and "scheduler" not in inspect.signature(report).parameters:
+        raise AttnFormatError("report: --scheduler is not supported by this version of the report")
     index = report(args.path, args.output, progress=False if args.no_progress else None, workers=args.workers,
-                   **storage_keywords(args))
+                   **extra, **storage_keywords(args))
     print(f"wrote {index}")
     return 0
 
@@ -196,11 +250,24 @@ def run_stats(args) -> int:
     """``attnformat stats PATH [--json] [-o FILE]``."""
     from attnformat.viewer.statistics import format_summary, statistics_summary
 
-    summary = statistics_summary(args.path, variable=args.variable, threshold=args.threshold, queries=args.queries,
-                                 **storage_keywords(args))
+    options = dict(variable=args.variable, threshold=args.threshold, queries=args.queries,
+                   progress=False if args.no_progress else None, **scheduler_keywords(args))
+    if args.more_paths and not args.concat:
+        raise AttnFormatError("stats: several paths need --concat DIM (sample, step or a new dimension such as run)")
+    if args.concat:
+        from attnformat.collection import collection_statistics, open_many
+
+        tree = open_many([args.path, *args.more_paths] if args.more_paths else args.path, dim=args.concat,
+                         **storage_keywords(args))
+        summary = collection_statistics(tree, **options)
+        tables = [format_summary(part) for part in summary["summaries"].values()] if "summaries" in summary else [
+            format_summary(summary)]
+    else:
+        summary = statistics_summary(args.path, **options, **storage_keywords(args))
+        tables = [format_summary(summary)]
     text = json.dumps(summary, indent=2, allow_nan=False)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
-    print(text if args.json else format_summary(summary))
+    print(text if args.json else "\n\n".join(tables))
     return 0

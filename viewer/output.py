@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import matplotlib.artist
 import matplotlib.figure
+import numpy as np
 
 from attnformat.errors import AttnFormatError
 
@@ -376,7 +378,9 @@ def new_figure(figsize, *, layout: str | None = "constrained") -> matplotlib.fig
     >>> new_figure((3.0, 2.0)).get_size_inches().tolist()
     [3.0, 2.0]
     """
-    return _pyplot().figure(figsize=figsize, layout=layout)
+    from attnformat.viewer.display import ViewerFigure  # shown exactly once in Jupyter (see viewer/display.py)
+
+    return _pyplot().figure(figsize=figsize, layout=layout, FigureClass=ViewerFigure)
 
 
 def axes_or_new(ax=None, figsize=None):
@@ -443,6 +447,234 @@ def placed_grid(layout: MapLayout, count: int, *, colorbar: bool = True):
         axes.append(ax)
     colorbar_axes = figure.add_axes(layout.colorbar_rect(count)) if colorbar else None
     return figure, axes, colorbar_axes
+
+
+def _label_text(name: str, step: int) -> str:
+    return name if step <= 1 or not name else f"{name} (every {ordinal(step)} label)"
+
+
+def _text_extent(labels, fontsize: float) -> float:
+    """Inches taken along its length by the longest of ``labels`` set at ``fontsize`` points.
+
+    Measured with the font (no drawing) for the few labels the arithmetic estimate says are the
+    longest, so an axis label sits as close to its tick labels as Matplotlib's own placement puts it.
+    """
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    labels = sorted({str(label) for label in labels}, key=lambda text: text_width(text, fontsize), reverse=True)[:4]
+    if not labels:
+        return 0.0
+    measure, font = TextToPath(), FontProperties(size=fontsize)
+    return max(measure.get_text_width_height_descent(text, font, ismath=False)[0] for text in labels) / 72
+
+
+class _LabelStrip(matplotlib.artist.Artist):
+    """The tick labels along one panel edge, drawn once and repeated at the same place of other panels.
+
+    Every panel of a grid row shows the same query labels (every column the same key labels), and
+    each text costs Matplotlib its own glyph layout and rasterising (about a millisecond, measured),
+    whatever it says. On a raster canvas the strip is drawn once and its pixels copied to the other
+    panels, shifted by whole pixels; elsewhere (SVG, PDF) each copy is drawn as text, so it stays
+    text. The strip draws before the other texts (zorder), over figure background only.
+    """
+
+    def __init__(self, axes, texts):
+        super().__init__()
+        self.texts, self.offsets = list(texts), []
+        for text in self.texts:  # placed in the canvas' data coordinates (inches), never clipped
+            text.set_figure(axes.figure)
+            text.set_transform(axes.transData)
+            text.set_clip_on(False)
+        self.set_zorder(2.9)
+
+    def _shifted(self, renderer, dx, dy, draw=False):
+        """Window extents of the texts moved by ``(dx, dy)`` inches (drawn there when ``draw``)."""
+        extents = []
+        for text in self.texts:
+            x, y = text.get_position()
+            text.set_position((x + dx, y + dy))
+            try:
+                if draw:
+                    text.draw(renderer)
+                extents.append(text.get_window_extent(renderer))
+            finally:
+                text.set_position((x, y))
+        return extents
+
+    def get_window_extent(self, renderer=None):
+        from matplotlib.transforms import Bbox
+
+        renderer = renderer or self.figure.canvas.get_renderer()
+        extents = [e for dx, dy in [(0.0, 0.0), *self.offsets] for e in self._shifted(renderer, dx, dy)]
+        return Bbox.union(extents) if extents else Bbox.null()
+
+    def draw(self, renderer):
+        from matplotlib.transforms import Bbox
+
+        if not self.get_visible() or not self.texts:
+            return
+        for text in self.texts:
+            text.draw(renderer)
+        if not self.offsets:
+            return
+        if not (hasattr(renderer, "copy_from_bbox") and hasattr(renderer, "restore_region")):
+            for dx, dy in self.offsets:
+                self._shifted(renderer, dx, dy, draw=True)
+            return
+        box = Bbox.union([text.get_window_extent(renderer) for text in self.texts])
+        x0, y0 = math.floor(box.x0) - 1, math.floor(box.y0) - 1
+        x1, y1 = math.ceil(box.x1) + 1, math.ceil(box.y1) + 1
+        region = renderer.copy_from_bbox(Bbox([[x0, y0], [x1, y1]]))
+        left, top = region.get_extents()[:2]  # pixel rows count down from the top here
+        dpi = self.figure.dpi
+        for dx, dy in self.offsets:
+            renderer.restore_region(region, xy=(left + round(dx * dpi), top - round(dy * dpi)))
+
+
+def compact_panels(figure, layout: MapLayout, panels, maps, *, count: int, steps, cmap, norm, origin: str = "upper",
+                   missing_text: str = "not captured", rects=None):
+    """Draw map panels on one canvas Axes covering the figure (the plots' ``compact=True``).
+
+    What Matplotlib builds for one Axes per panel (a Tick object per label, each with two lines
+    and two texts, and every Axes measuring its tick labels at each draw) is most of the time of
+    drawing a 12-head grid (measured). Here each panel is one image on the canvas, its frame a
+    rectangle, its tick marks one line collection and each shown label one text, placed with the
+    rcParams Matplotlib itself uses (tick size and pad, label pad, title pad) in the rectangles
+    :meth:`MapLayout.panel_rects` computed; labels repeated along a grid row or column are drawn
+    once (:class:`_LabelStrip`).
+
+    Parameters
+    ----------
+    figure : matplotlib.figure.Figure
+        A figure of ``layout.figsize`` without a layout engine.
+    layout : MapLayout
+        Where the panels go (:func:`layout_maps` of ``panels``).
+    panels : list of MapPanel
+        Which labels, axis labels and title each panel shows.
+    maps : list of tuple
+        Per panel ``(values, query_labels, key_labels, xlabel, ylabel)``: the 2-D map drawn as it
+        is (NaN and +/-inf masked, shown in the colormap's "bad" colour), all its labels, axis names.
+    count : int
+        How many panels.
+    steps : callable
+        ``steps(values) -> (query step, key step)``: every how many labels are shown.
+    cmap, norm : matplotlib.colors.Colormap, matplotlib.colors.Normalize
+        The shared colour scale.
+    origin : {"upper", "lower"}
+        Where the first query is drawn.
+    missing_text : str
+        What a panel without any finite value reads.
+    rects : list of (float, float, float, float), optional
+        ``[left, bottom, width, height]`` (figure fractions) of each panel; by default
+        :meth:`MapLayout.panel_rects`.
+
+    Returns
+    -------
+    (matplotlib.axes.Axes, matplotlib.cm.ScalarMappable)
+        The canvas, and what a colorbar of the panels should show.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from matplotlib.colors import Normalize
+    >>> labels = tuple("abcd")
+    >>> panels = [MapPanel(4, 4, labels, labels, title=f"head {h}") for h in range(2)]
+    >>> layout = layout_maps(panels, ncols=2)
+    >>> maps = [(np.eye(4), labels, labels, "key", "query")] * 2
+    >>> canvas, mappable = compact_panels(new_figure(layout.figsize, layout=None), layout, panels, maps, count=2,
+    ...                                   steps=lambda values: (1, 1), cmap="viridis", norm=Normalize(0, 1))
+    >>> len(canvas.images), sorted({t.get_text() for t in canvas.texts})
+    (2, ['head 0', 'head 1', 'key', 'query'])
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import LineCollection
+    from matplotlib.patches import Rectangle
+    from matplotlib.text import Text
+
+    rc = matplotlib.rcParams
+    width, height = layout.figsize
+    canvas = figure.add_axes((0.0, 0.0, 1.0, 1.0))
+    canvas.set_axis_off()
+    canvas.set_autoscale_on(False)
+    canvas.set_xlim(0.0, width)
+    canvas.set_ylim(0.0, height)
+    tick = rc["xtick.major.size"] / 72
+    gap = (rc["xtick.major.size"] + rc["xtick.major.pad"]) / 72
+    label_size = font_points(rc["axes.labelsize"])
+    label_pad = rc["axes.labelpad"] / 72
+    segments, image, strips, extents = [], None, {}, {}
+    for rect, panel, (values, query_labels, key_labels, xlabel, ylabel) in zip(rects or layout.panel_rects(count), panels, maps):
+        x0, y0, w, h = rect[0] * width, rect[1] * height, rect[2] * width, rect[3] * height
+        values = np.asarray(values)
+        rows, cols = values.shape[-2:]
+        query_labels = query_labels if panel.query_labels and len(query_labels) == rows else ()
+        key_labels = key_labels if panel.key_labels and len(key_labels) == cols else ()
+        query_step, key_step = steps(values)
+        finite = np.isfinite(np.asarray(values, dtype=np.float64))
+        if values.size and not finite.any():
+            canvas.add_patch(Rectangle((x0, y0), w, h, facecolor="white", edgecolor="none", zorder=1))
+            canvas.text(x0 + w / 2, y0 + h / 2, missing_text, ha="center", va="center", fontsize=TITLE_FONTSIZE,
+                        color="0.35", style="italic")
+        else:
+            # masked only where needed: a masked array costs Matplotlib several copies per draw
+            shown = values if finite.all() else np.ma.masked_invalid(values)
+            image = canvas.imshow(shown, cmap=cmap, norm=norm, aspect="auto", origin=origin, interpolation="nearest",
+                                  extent=(x0, x0 + w, y0, y0 + h))
+        canvas.add_patch(Rectangle((x0, y0), w, h, fill=False, linewidth=rc["axes.linewidth"],
+                                   edgecolor=rc["axes.edgecolor"], zorder=2.5))
+        below = left = 0.0
+        if len(key_labels):
+            shown = list(range(0, cols, key_step))
+            xs = [x0 + (index + 0.5) * w / cols for index in shown]
+            segments += [((x, y0), (x, y0 - tick)) for x in xs]
+            texts = [str(key_labels[index]) for index in shown]
+            strip, first = strips.get(("key", tuple(texts), cols, w), (None, None))
+            if strip is None:
+                strip = canvas.add_artist(_LabelStrip(canvas, (
+                    Text(x, y0 - gap, text, rotation=90, ha="center", va="top", fontsize=TICK_FONTSIZE)
+                    for x, text in zip(xs, texts))))
+                strips[("key", tuple(texts), cols, w)] = (strip, (x0, y0))
+                extents["key", tuple(texts)] = _text_extent(texts, TICK_FONTSIZE)
+            else:
+                strip.offsets.append((x0 - first[0], y0 - first[1]))
+            below = gap + extents["key", tuple(texts)]
+        if len(query_labels):
+            shown = list(range(0, rows, query_step))
+            ys = [y0 + h - (index + 0.5) * h / rows if origin == "upper" else y0 + (index + 0.5) * h / rows
+                  for index in shown]
+            segments += [((x0, y), (x0 - tick, y)) for y in ys]
+            texts = [str(query_labels[index]) for index in shown]
+            strip, first = strips.get(("query", tuple(texts), rows, h), (None, None))
+            if strip is None:
+                strip = canvas.add_artist(_LabelStrip(canvas, (
+                    Text(x0 - gap, y, text, ha="right", va="center_baseline", fontsize=TICK_FONTSIZE)
+                    for y, text in zip(ys, texts))))
+                strips[("query", tuple(texts), rows, h)] = (strip, (x0, y0))
+                extents["query", tuple(texts)] = _text_extent(texts, TICK_FONTSIZE)
+            else:
+                strip.offsets.append((x0 - first[0], y0 - first[1]))
+            left = gap + extents["query", tuple(texts)]
+        # Axis labels, titles: shrunk (never rewritten) when a user figsize leaves a panel narrower than they are.
+        if panel.xlabel and xlabel:
+            text = _label_text(xlabel, key_step if len(key_labels) else 1)
+            size = min(label_size, max(4.0, label_size * w / max(text_width(text, label_size), 1e-9)))
+            canvas.text(x0 + w / 2, y0 - below - label_pad, text, ha="center", va="top", fontsize=size)
+        if panel.ylabel and ylabel:
+            text = _label_text(ylabel, query_step if len(query_labels) else 1)
+            size = min(label_size, max(4.0, label_size * h / max(text_width(text, label_size), 1e-9)))
+            canvas.text(x0 - left - label_pad, y0 + h / 2, text, rotation=90, ha="right", va="center", fontsize=size)
+        if panel.title:
+            size = TITLE_FONTSIZE
+            needed = text_width(panel.title, size)
+            if needed > w + 0.05 > 0:
+                size = max(6.0, size * (w + 0.05) / needed)
+            canvas.text(x0 + w / 2, y0 + h + rc["axes.titlepad"] / 72, panel.title, ha="center", va="baseline",
+                        fontsize=size)
+    if segments:
+        canvas.add_collection(LineCollection(segments, linewidths=rc["xtick.major.width"], colors=rc["xtick.color"],
+                                             zorder=2.5), autolim=False)
+    return canvas, image if image is not None else ScalarMappable(norm=norm, cmap=cmap)
 
 
 def figure_of(drawn):

@@ -13,7 +13,7 @@ from attnformat.errors import SelectionError
 from attnformat.viewer.colors import color_scale
 from attnformat.viewer.docs import documented, register
 from attnformat.viewer.groups import draw_one_map
-from attnformat.viewer.selection import Selection, select
+from attnformat.viewer.selection import Selection, resolve_site, select
 
 register(
     rollout_selectors="""
@@ -64,8 +64,12 @@ def rollout_matrices(layers: np.ndarray, *, residual: bool = True) -> np.ndarray
 
 @documented
 def attention_rollout(source, *, site=None, sample=None, step=None, time=None, node=None, head="mean",
-                      residual: bool = True) -> Selection:
+                      residual: bool = True, scheduler=None, progress: bool | None = None) -> Selection:
     """Rollout of a self-attention site's weights over all its layers, as a :class:`Selection`.
+
+    Computed as a dask graph: one task per layer reads that layer's maps and reduces its heads
+    (in parallel), and a chain of tasks multiplies the layers' matrices in order, so that memory
+    holds a few ``(query, key)`` matrices, never every layer at once.
 
     Parameters
     ----------
@@ -73,6 +77,11 @@ def attention_rollout(source, *, site=None, sample=None, step=None, time=None, n
     $site
     $rollout_selectors
     $residual
+    scheduler : str or distributed.Client, optional
+        ``"threads"`` (default), ``"processes"``, ``"synchronous"``, a ``dask.distributed.Client``
+        or a scheduler address (see :mod:`attnformat.compute`).
+    progress : bool, optional
+        Progress bar on stderr; by default only when stderr is a terminal.
 
     Returns
     -------
@@ -87,19 +96,53 @@ def attention_rollout(source, *, site=None, sample=None, step=None, time=None, n
     >>> rolled.values.shape, bool(np.allclose(rolled.values.sum(axis=1), 1.0))
     ((6, 6), True)
     """
-    chosen = select(source, "weights", site=site, keep=("layer",), head=head, sample=sample, step=step, time=time, node=node)
+    selectors = {"head": head, "sample": sample, "step": step, "time": time, "node": node}
+    site_node = resolve_site(source, site)
+    layers = site_node.coords["layer"].values.tolist() if "layer" in site_node.coords and "layer" in site_node.dims else None
+    if layers is None or len(layers) < 2:
+        chosen = select(site_node, "weights", keep=("layer",), **selectors)
+    else:  # the first layer's selection carries the labels and attributes; the graph does the rest
+        chosen = select(site_node, "weights", layer=layers[0], **selectors)
     if chosen.values.shape[-1] != chosen.values.shape[-2] or chosen.attrs.get("attention_type", "self") != "self":
         raise SelectionError(f"rollout needs self-attention with as many queries as keys; site {chosen.site} of "
                              f"{chosen.source} is {chosen.attrs.get('attention_type')} with {chosen.values.shape[-2:]} maps")
     if chosen.attrs.get("normalized_dim", "key") != "key":
         raise SelectionError(f"rollout needs weights normalised over keys; site {chosen.site} of {chosen.source} "
                              f"normalises over {chosen.attrs.get('normalized_dim')}")
-    stack = chosen.values if "layer" in chosen.dims else chosen.values[None]
-    chosen.values = rollout_matrices(stack, residual=residual)
+    if layers is None or len(layers) < 2:
+        stack = chosen.values if "layer" in chosen.dims else chosen.values[None]
+        chosen.values = rollout_matrices(stack, residual=residual)
+        layers = chosen.kept.get("layer", ["0"])
+    else:
+        chosen.values = _rolled_out(site_node, layers, selectors, residual, scheduler, progress)
+        layers = [str(layer) for layer in layers]
+        chosen.kept["layer"] = layers
     chosen.dims = ("query", "key")
-    layers = chosen.kept.get("layer", ["0"])
     chosen.described["layer"] = f"rollout {layers[0]}..{layers[-1]}" if len(layers) > 1 else f"rollout {layers[0]}"
     return chosen
+
+
+def _rolled_out(site_node, layers: list, selectors: dict, residual: bool, scheduler, progress) -> np.ndarray:
+    """``A_L ... A_1`` as a chain of dask tasks: layer matrices in parallel, products in order."""
+    from attnformat import compute
+
+    compute.check_portable(site_node, scheduler)
+    where = compute.NodeRef(site_node)
+    product = None
+    for layer in layers:
+        matrix = compute.delayed(_layer_matrix, where, layer, selectors, residual)
+        product = matrix if product is None else compute.delayed(_times, matrix, product)
+    return compute.run([product], scheduler=scheduler, progress=progress)[0]
+
+
+def _layer_matrix(where, layer, selectors: dict, residual: bool) -> np.ndarray:
+    """One layer's rollout factor: its heads reduced, the residual added, rows renormalised."""
+    values = select(where.node(), "weights", layer=layer, **selectors).values
+    return rollout_matrices(values[None], residual=residual)
+
+
+def _times(matrix: np.ndarray, product) -> np.ndarray:
+    return matrix @ product
 
 
 @documented

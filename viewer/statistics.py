@@ -483,8 +483,11 @@ class _Partials:
                          self.global_sum + other.global_sum, self.global_count + other.global_count)
 
 
-def _dense_partials(block: np.ndarray, masks, normalized_axis: int) -> _Partials:
-    """Partials of a block ``(*inner, rows, key)`` whose excluded cells are NaN."""
+def _dense_partials(block: np.ndarray, masks, normalized_axis: int, complete: bool | None = None) -> _Partials:
+    """Partials of a block ``(*inner, rows, key)`` whose excluded cells are NaN (``complete``: the
+    caller knows there are none)."""
+    if block.size and (complete if complete is not None else not np.isnan(block).any()):
+        return _complete_partials(block, masks, normalized_axis)
     axes = (-2, -1)
     valid = ~np.isnan(block)
     zeros = np.where(valid, block, 0.0)
@@ -516,6 +519,62 @@ def _dense_partials(block: np.ndarray, masks, normalized_axis: int) -> _Partials
     return _Partials(count, np.where(count > 0, mean, 0.0), m2, _nan_stat(np.nanmin, block, axes),
                      _nan_stat(np.nanmax, block, axes), entropy_sum, entropy_rows, column_terms, column_mass,
                      zeros.sum(axis=-2), valid.sum(axis=-2), local_sum, local_count, global_sum, global_count)
+
+
+def _complete_partials(block: np.ndarray, masks, normalized_axis: int) -> _Partials:
+    """:func:`_dense_partials` of a block without NaN (nothing excluded: the usual case), in about a
+    third of the passes over memory: no validity masks, one scratch buffer reused for the squared
+    deviations and the entropy terms, local and global sums as dot products with the masks. The
+    statistics are the same (sums in another order differ in the last bits at most)."""
+    axes = (-2, -1)
+    shape = block.shape[:-2]
+    rows, keys = block.shape[-2:]
+    count = np.full(shape, rows * keys, dtype=np.int64)
+    total = block.sum(axis=axes)
+    mean = total / max(1, rows * keys)
+    scratch = np.subtract(block, np.expand_dims(mean, axes))
+    np.square(scratch, out=scratch)
+    m2 = scratch.sum(axis=axes)
+    low, high = block.min(axis=axes), block.max(axis=axes)
+    if low.size and low.min() >= 0:  # weights: p log p with log(max(p, tiny)); 0 * log(tiny) is 0
+        np.maximum(block, np.finfo(block.dtype).tiny, out=scratch)
+        np.log(scratch, out=scratch)
+    else:  # signed values (logits): the terms of positive cells only
+        scratch.fill(0.0)
+        np.log(block, out=scratch, where=block > 0)
+    scratch *= block  # p log p; the entropy terms are its negation, taken on the sums below
+    if normalized_axis == -1:
+        live = np.any(block, axis=-1)  # a row with any weight (finite values: |p| summing above 0)
+        entropy_sum = -np.where(live, scratch.sum(axis=-1), 0.0).sum(axis=-1)
+        entropy_rows = live.sum(axis=-1)
+        column_terms = column_mass = None
+    else:
+        entropy_sum = np.zeros(shape)
+        entropy_rows = np.zeros(shape, dtype=np.int64)
+        column_terms, column_mass = -scratch.sum(axis=-2), np.abs(block).sum(axis=-2)
+    del scratch
+    local_sum, local_count = np.zeros(shape), np.zeros(shape, dtype=np.int64)
+    global_sum, global_count = np.zeros(shape), np.zeros(shape, dtype=np.int64)
+    if masks is not None:
+        local, eligible = masks
+        near = np.broadcast_to(local & eligible, block.shape[-local.ndim:] if local.ndim <= 2 else local.shape)
+        far = np.broadcast_to(~local & eligible, near.shape)
+        local_sum, local_count = _masked_sums(block, near)
+        global_sum, global_count = _masked_sums(block, far)
+    return _Partials(count, mean, m2, low, high, entropy_sum, entropy_rows,
+                     column_terms, column_mass, block.sum(axis=-2), np.full(shape + (keys,), rows, dtype=np.int64),
+                     local_sum, local_count, global_sum, global_count)
+
+
+def _masked_sums(block: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per map of ``block`` (``(*inner, rows, key)``): the sum and count of the cells ``mask`` picks."""
+    shape = block.shape[:-2]
+    if mask.ndim == 2:  # one mask for every map: a matrix-vector product over the flattened maps
+        flat = block.reshape(-1, mask.size)
+        sums = (flat @ mask.reshape(-1).astype(block.dtype)).reshape(shape)
+        return sums, np.full(shape, int(np.count_nonzero(mask)), dtype=np.int64)
+    mask = np.broadcast_to(mask, block.shape)
+    return np.where(mask, block, 0.0).sum(axis=(-2, -1)), mask.sum(axis=(-2, -1))
 
 
 def _finish_dense(partials: _Partials) -> dict:
@@ -578,7 +637,8 @@ def _edge_stats(block: np.ndarray, target: np.ndarray, masks) -> dict:
 
 def _excluded_as_nan(site, block: np.ndarray, sample, rows) -> np.ndarray:
     """Non-finite values (NaN not captured, -inf masked logits) and padding become NaN."""
-    block = np.where(np.isfinite(block), block, np.nan)
+    if not np.isfinite(block).all():
+        block = np.where(np.isfinite(block), block, np.nan)
     for dim, axis in (("query", -2), ("key", -1)):
         keep = real_tokens(site, dim, sample)
         if keep is None:
@@ -620,7 +680,7 @@ def _constant_reason(site, edge: bool) -> str:
 @documented
 def attention_statistics(source, *, site=None, variable: str = "weights", threshold: float = DEFAULT_THRESHOLD,
                          queries=None, pairwise: str | None = None, radius: int = PATCH_RADIUS,
-                         window: int = LOCAL_WINDOW) -> xr.Dataset:
+                         window: int = LOCAL_WINDOW, scheduler=None, progress: bool | None = None) -> xr.Dataset:
     """Per-map statistics of one site: a Dataset with one variable per statistic over the leading dims.
 
     ``mean``, ``std``, ``min``, ``max`` are over the map's values; ``entropy`` is the mean row
@@ -643,6 +703,13 @@ def attention_statistics(source, *, site=None, variable: str = "weights", thresh
     $pairwise_name
     $locality_radius
     $locality_window
+    scheduler : str or distributed.Client, optional
+        Where the maps are computed, as a dask graph over the stored chunks: ``"threads"``
+        (default: every local core), ``"processes"``, ``"synchronous"``, a
+        ``dask.distributed.Client`` or a scheduler address (see :mod:`attnformat.compute`).
+    progress : bool, optional
+        Progress bar on stderr; by default only when stderr is a terminal.
+
     Returns
     -------
     xarray.Dataset
@@ -662,10 +729,10 @@ def attention_statistics(source, *, site=None, variable: str = "weights", thresh
     """
     site_node = resolve_site(source, site)
     return _statistics(site_node, variable, locality(site_node, variable=variable, pairwise=pairwise, threshold=threshold,
-                                                     radius=radius, window=window), queries)
+                                                     radius=radius, window=window), queries, scheduler, progress)
 
 
-def _statistics(site_node, variable: str, info: Locality, queries) -> xr.Dataset:
+def _statistics(site_node, variable: str, info: Locality, queries, scheduler=None, progress=None) -> xr.Dataset:
     if site_node.attrs.get("layout") in REDUCED_LAYOUTS:
         layout = site_node.attrs.get("layout")
         raise SelectionError(
@@ -682,7 +749,6 @@ def _statistics(site_node, variable: str, info: Locality, queries) -> xr.Dataset
     map_size = array.sizes["edge"] if edge else array.sizes["query"] * array.sizes["key"]
     inner = [d for d in ("head",) if d in leading and map_size * array.sizes[d] <= _BLOCK_ELEMENTS]
     outer = [d for d in leading if d not in inner]
-    inner_size = math.prod(array.sizes[d] for d in inner)
     normalized_axis = -2 if site_node.attrs.get("normalized_dim") == "query" else -1
     maps = math.prod(array.sizes[d] for d in outer + inner)
     if maps > MAX_STATISTICS_MAPS:
@@ -692,28 +758,12 @@ def _statistics(site_node, variable: str, info: Locality, queries) -> xr.Dataset
             f"{_source_of(site_node)}: site {site_name(site_node)} declares {maps:,} maps of {variable}; statistics "
             f"are computed for at most {MAX_STATISTICS_MAPS:,} at a time [ATTN-STORE-006]; select fewer (e.g. one sample)"
         )
-    pairs = _LocalPairs(site_node, array, info, inner)
     names = STATISTICS + COUNTS
     results = {name: np.full([array.sizes[d] for d in outer + inner], np.nan) for name in names}
     expected = set()
-    rows_by_sample = {}
-    for index in itertools.product(*(range(array.sizes[d]) for d in outer)):
-        chosen = dict(zip(outer, index))
-        sample = chosen.get("sample")
-        if sample not in rows_by_sample:
-            rows_by_sample[sample] = query_rows(site_node, queries, sample)
-        rows = rows_by_sample[sample]
-        selected = array.isel(chosen).transpose(*inner, ...)
-        if edge:
-            block = np.asarray(selected.values, dtype=np.float64)
-            targets = site_node.coords["target"].values
-            keep = slice(None) if rows is None else np.flatnonzero(np.isin(targets, rows))
-            block = np.where(np.isfinite(block[..., keep]), block[..., keep], np.nan)
-            stats = _edge_stats(block, targets[keep], pairs.masks(chosen, keep))
-            expected.add(_expected_mean(site_node, array, sample, rows, edge_targets=targets[keep]))
-        else:
-            stats = _finish_dense(_stream_rows(site_node, selected, chosen, rows, pairs, inner_size, normalized_axis))
-            expected.add(_expected_mean(site_node, array, sample, rows))
+    for index, stats, expect in _map_statistics(site_node, variable, info, queries, outer, inner, normalized_axis,
+                                                scheduler, progress):
+        expected.add(expect)
         for name in names:
             results[name][index] = stats[name]
     import xarray as xr  # imported on use: plotting one map never needs it
@@ -734,6 +784,59 @@ def _statistics(site_node, variable: str, info: Locality, queries) -> xr.Dataset
     return dataset.transpose(*leading)
 
 
+def _map_statistics(site_node, variable, info, queries, outer, inner, normalized_axis, scheduler, progress):
+    """``(index, statistics, expected mean)`` of every map (or set of inner maps), computed as a dask
+    graph: one task per block of outer positions, blocks made of whole stored chunks
+    (:func:`attnformat.compute.plan_chunks`), each task streaming its maps as the serial code did."""
+    from attnformat import compute
+
+    compute.check_portable(site_node, scheduler)
+    array = site_node[variable]
+    stored = compute.stored_chunk_shape(array.variable) or tuple(array.shape)
+    stored_of = dict(zip(array.dims, stored))
+    dims = tuple(outer) + tuple(d for d in array.dims if d not in outer)
+    shape = tuple(array.sizes[d] for d in dims)
+    wanted = {d: ("auto" if d in outer else -1) for d in dims}
+    plan = compute.plan_chunks(dims, shape, tuple(stored_of[d] for d in dims), array.dtype.itemsize, wanted,
+                               target_bytes=compute.TASK_BYTES)
+    where = compute.NodeRef(site_node)
+    tasks = [compute.delayed(_statistics_task, where, variable, info, queries, outer, inner, normalized_axis,
+                             [(block.start, block.stop) for block in region[:len(outer)]])
+             for region in compute.regions(plan)]
+    for found in compute.run(tasks, scheduler=scheduler, progress=progress):
+        yield from found
+
+
+def _statistics_task(where, variable, info, queries, outer, inner, normalized_axis, spans) -> list:
+    """The statistics of the maps at the outer positions in ``spans`` (one task of the graph)."""
+    site_node = where.node()
+    array = site_node[variable]
+    edge = "edge" in array.dims
+    inner_size = math.prod(array.sizes[d] for d in inner)
+    pairs = _LocalPairs(site_node, array, info, inner)
+    rows_by_sample = {}
+    found = []
+    for index in itertools.product(*(range(start, stop) for start, stop in spans)):
+        chosen = dict(zip(outer, index))
+        sample = chosen.get("sample")
+        if sample not in rows_by_sample:
+            rows_by_sample[sample] = query_rows(site_node, queries, sample)
+        rows = rows_by_sample[sample]
+        selected = array.isel(chosen).transpose(*inner, ...)
+        if edge:
+            block = np.asarray(selected.values, dtype=np.float64)
+            targets = site_node.coords["target"].values
+            keep = slice(None) if rows is None else np.flatnonzero(np.isin(targets, rows))
+            block = np.where(np.isfinite(block[..., keep]), block[..., keep], np.nan)
+            stats = _edge_stats(block, targets[keep], pairs.masks(chosen, keep))
+            expect = _expected_mean(site_node, array, sample, rows, edge_targets=targets[keep])
+        else:
+            stats = _finish_dense(_stream_rows(site_node, selected, chosen, rows, pairs, inner_size, normalized_axis))
+            expect = _expected_mean(site_node, array, sample, rows)
+        found.append((index, stats, expect))
+    return found
+
+
 def _stream_rows(site_node, selected, chosen, rows, pairs, inner_size, normalized_axis) -> _Partials:
     """Partials of one set of maps, read in blocks of query rows of bounded size."""
     keys = selected.sizes["key"]
@@ -746,8 +849,10 @@ def _stream_rows(site_node, selected, chosen, rows, pairs, inner_size, normalize
         else:
             part = positions[start:start + step]
         block = np.asarray(selected.isel(query=part).values, dtype=np.float64)
-        block = _excluded_as_nan(site_node, block, chosen.get("sample"), part)
-        partials = _dense_partials(block, pairs.masks(chosen, part), normalized_axis)
+        excluded = _excluded_as_nan(site_node, block, chosen.get("sample"), part)
+        # The same array back: every value was finite and nothing is padding, so nothing is NaN.
+        complete = True if excluded is block else None
+        partials = _dense_partials(excluded, pairs.masks(chosen, part), normalized_axis, complete)
         total = partials if total is None else total.merge(partials)
     if total is None:  # no query rows at all
         block = np.full(tuple(selected.sizes[d] for d in selected.dims[:-2]) + (0, keys), np.nan)
@@ -852,7 +957,7 @@ def _json_number(value) -> float | None:
 @documented
 def statistics_summary(source, *, variable: str = "weights", threshold: float = DEFAULT_THRESHOLD, queries=None,
                        pairwise: str | None = None, radius: int = PATCH_RADIUS, window: int = LOCAL_WINDOW,
-                       storage_options=None) -> dict:
+                       storage_options=None, scheduler=None, progress: bool | None = None) -> dict:
     """Per site and layer: layer, type, mean, std, min, max, shape (seed 001's JSON), plus entropy,
     sink score, local and global mean attention and their ratio (seed 002's printout), and the same
     per head; with, per site, what "local" meant and which statistics are constant.
@@ -887,6 +992,13 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
     $locality_window
     storage_options : dict, optional
         fsspec options for a URL, as for :func:`attnformat.open`.
+    scheduler : str or distributed.Client, optional
+        Where the maps are computed, as a dask graph over the stored chunks in bounded memory:
+        ``"threads"`` (default: every local core), ``"processes"``, ``"synchronous"``, a
+        ``dask.distributed.Client`` or a scheduler address such as ``"tcp://host:8786"`` (see
+        :mod:`attnformat.compute`). Every scheduler gives the same numbers.
+    progress : bool, optional
+        Progress bar on stderr; by default only when stderr is a terminal.
 
     Examples
     --------
@@ -911,7 +1023,7 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
             # top-k site's exact figures (kept weights, omitted mass); nothing is recomputed or guessed.
             name = site_name(site_node)
             summarise = _stored_statistics_entries if layout == "statistics" else _topk_entries
-            summary["sites"][name], summary["locality"][name] = summarise(site_node, queries)
+            summary["sites"][name], summary["locality"][name] = summarise(site_node, queries, scheduler, progress)
             summary["constants"][name] = {}
             summary.setdefault("layouts", {})[name] = layout
             if queries is not None:
@@ -925,7 +1037,7 @@ def statistics_summary(source, *, variable: str = "weights", threshold: float = 
         names = _pairwise_names(site_node)
         info = locality(site_node, variable=variable, pairwise=pairwise if pairwise in names else None,
                         threshold=threshold, radius=radius, window=window)
-        stats = _statistics(site_node, variable, info, queries)
+        stats = _statistics(site_node, variable, info, queries, scheduler, progress)
         summary["queries"] = stats.attrs["queries"] if queries is not None else "all queries"
         kind = f"{site_node.attrs.get('attention_type', 'self')}_attention"
         layers = site_node.coords["layer"].values if "layer" in site_node.coords else [None]
@@ -1004,46 +1116,9 @@ def _mean(values) -> float | None:
     return _json_number(_nan_stat(np.nanmean, values, None)) if np.size(values) else None
 
 
-def _stored_statistics_entries(site_node, queries) -> tuple[list, dict]:
-    """Per layer (and head): the stored statistics averaged over the rows that count."""
-    kind = f"{site_node.attrs.get('attention_type', 'self')}_attention"
-    stored = [name for name in ("entropy", "max_weight", "sink_weight", "local_weight", "top_key")
-              if name in site_node.data_vars]
-    entries = []
-    for layer_position, layer in _layer_positions(site_node):
-        per_name = {}
-        for name in stored:
-            array = site_node[name]
-            if layer_position is not None and "layer" in array.dims:
-                array = array.isel(layer=layer_position)
-            values = np.asarray(array.values)
-            if name == "top_key":
-                values = np.where(values < 0, np.nan, values.astype(np.float64))
-            per_name[name] = (_masked_rows(values, array.dims, site_node, queries), array.dims)
-
-        def averaged(select_head=None):
-            entry = {}
-            for name, (values, dims) in per_name.items():
-                if select_head is not None and "head" in dims:
-                    values = np.take(values, select_head, axis=list(dims).index("head"))
-                if name == "top_key":
-                    finite = values[np.isfinite(values)]
-                    entry["top_key_first"] = _json_number(np.mean(finite == 0)) if finite.size else None
-                    continue
-                entry[name] = _mean(values)
-                if name == "max_weight":
-                    entry["max"] = _json_number(_nan_stat(np.nanmax, values, None)) if np.isfinite(values).any() else None
-            first = next(iter(per_name.values()), (np.zeros(0), ()))[0]
-            entry["rows"] = int(np.isfinite(first).sum())
-            return entry
-
-        entry = {"layer": layer, "type": kind, "layout": "statistics", **dict.fromkeys(_DENSE_KEYS), **averaged()}
-        dims = site_node[stored[0]].dims if stored else ()
-        entry["shape"] = [int(site_node.sizes[d]) for d in dims if d != "layer"]
-        if stored and "head" in dims:
-            entry["heads"] = [{"head": head, **dict.fromkeys(_DENSE_KEYS), **averaged(index)}
-                              for index, head in enumerate(_head_labels(site_node))]
-        entries.append(entry)
+def _stored_statistics_entries(site_node, queries, scheduler=None, progress=None) -> tuple[list, dict]:
+    """Per layer (and head): the stored statistics averaged over the rows that count; a layer per task."""
+    entries = _per_layer(site_node, _stored_statistics_layer, queries, scheduler, progress)
     window = site_node.attrs.get("local_window")
     if "local_weight" in site_node.data_vars and window is not None:
         info = {"kind": "token_window", "window": int(window),
@@ -1053,45 +1128,101 @@ def _stored_statistics_entries(site_node, queries) -> tuple[list, dict]:
     return entries, info
 
 
-def _topk_entries(site_node, queries) -> tuple[list, dict]:
-    """Per layer (and head): the exact figures of the kept weights; a layer at a time (rows x k each)."""
+def _stored_statistics_layer(site_node, layer_position, layer, queries) -> dict:
+    kind = f"{site_node.attrs.get('attention_type', 'self')}_attention"
+    stored = [name for name in ("entropy", "max_weight", "sink_weight", "local_weight", "top_key")
+              if name in site_node.data_vars]
+    per_name = {}
+    for name in stored:
+        array = site_node[name]
+        if layer_position is not None and "layer" in array.dims:
+            array = array.isel(layer=layer_position)
+        values = np.asarray(array.values)
+        if name == "top_key":
+            values = np.where(values < 0, np.nan, values.astype(np.float64))
+        per_name[name] = (_masked_rows(values, array.dims, site_node, queries), array.dims)
+
+    def averaged(select_head=None):
+        entry = {}
+        for name, (values, dims) in per_name.items():
+            if select_head is not None and "head" in dims:
+                values = np.take(values, select_head, axis=list(dims).index("head"))
+            if name == "top_key":
+                finite = values[np.isfinite(values)]
+                entry["top_key_first"] = _json_number(np.mean(finite == 0)) if finite.size else None
+                continue
+            entry[name] = _mean(values)
+            if name == "max_weight":
+                entry["max"] = _json_number(_nan_stat(np.nanmax, values, None)) if np.isfinite(values).any() else None
+        first = next(iter(per_name.values()), (np.zeros(0), ()))[0]
+        entry["rows"] = int(np.isfinite(first).sum())
+        return entry
+
+    entry = {"layer": layer, "type": kind, "layout": "statistics", **dict.fromkeys(_DENSE_KEYS), **averaged()}
+    dims = site_node[stored[0]].dims if stored else ()
+    entry["shape"] = [int(site_node.sizes[d]) for d in dims if d != "layer"]
+    if stored and "head" in dims:
+        entry["heads"] = [{"head": head, **dict.fromkeys(_DENSE_KEYS), **averaged(index)}
+                          for index, head in enumerate(_head_labels(site_node))]
+    return entry
+
+
+def _per_layer(site_node, function, queries, scheduler, progress) -> list:
+    """``function(site, layer_position, layer, queries)`` for every layer, one dask task each."""
+    from attnformat import compute
+
+    compute.check_portable(site_node, scheduler)
+    where = compute.NodeRef(site_node)
+    tasks = [compute.delayed(_layer_task, where, function, position, layer, queries)
+             for position, layer in _layer_positions(site_node)]
+    return compute.run(tasks, scheduler=scheduler, progress=progress)
+
+
+def _layer_task(where, function, layer_position, layer, queries):
+    return function(where.node(), layer_position, layer, queries)
+
+
+def _topk_entries(site_node, queries, scheduler=None, progress=None) -> tuple[list, dict]:
+    """Per layer (and head): the exact figures of the kept weights; a layer per task (rows x k each)."""
+    entries = _per_layer(site_node, _topk_layer, queries, scheduler, progress)
+    info = {"kind": "none", "description": "not computed for top-k sites: weights outside the top k are not stored"}
+    return entries, info
+
+
+def _topk_layer(site_node, layer_position, layer, queries) -> dict:
     kind = f"{site_node.attrs.get('attention_type', 'self')}_attention"
     top_k = int(site_node.attrs.get("top_k", site_node.sizes.get("rank", 0)))
     keys = site_node.attrs.get("key_count", site_node.sizes.get("key"))
-    entries = []
-    for layer_position, layer in _layer_positions(site_node):
-        weights = site_node["weights"]
-        omitted = site_node["omitted_weight"] if "omitted_weight" in site_node.data_vars else None
-        if layer_position is not None and "layer" in weights.dims:
-            weights = weights.isel(layer=layer_position)
-            omitted = omitted.isel(layer=layer_position) if omitted is not None and "layer" in omitted.dims else omitted
-        kept = np.asarray(weights.values, dtype=np.float64)
-        row_dims = weights.dims[:-1]
-        first = _masked_rows(kept[..., 0], row_dims, site_node, queries)
-        kept_sum = _masked_rows(np.where(np.isnan(kept), 0.0, kept).sum(axis=-1), row_dims, site_node, queries)
-        kept_sum = np.where(np.isnan(first), np.nan, kept_sum)  # rows not captured have no kept mass
-        left = None if omitted is None else _masked_rows(np.asarray(omitted.values), omitted.dims, site_node, queries)
+    weights = site_node["weights"]
+    omitted = site_node["omitted_weight"] if "omitted_weight" in site_node.data_vars else None
+    if layer_position is not None and "layer" in weights.dims:
+        weights = weights.isel(layer=layer_position)
+        omitted = omitted.isel(layer=layer_position) if omitted is not None and "layer" in omitted.dims else omitted
+    kept = np.asarray(weights.values, dtype=np.float64)
+    row_dims = weights.dims[:-1]
+    first = _masked_rows(kept[..., 0], row_dims, site_node, queries)
+    kept_sum = _masked_rows(np.where(np.isnan(kept), 0.0, kept).sum(axis=-1), row_dims, site_node, queries)
+    kept_sum = np.where(np.isnan(first), np.nan, kept_sum)  # rows not captured have no kept mass
+    left = None if omitted is None else _masked_rows(np.asarray(omitted.values), omitted.dims, site_node, queries)
 
-        def averaged(select_head=None):
-            pick = (lambda a: a) if select_head is None or "head" not in row_dims else (
-                lambda a: np.take(a, select_head, axis=list(row_dims).index("head")))
-            top, mass = pick(first), pick(kept_sum)
-            return {"max": _json_number(_nan_stat(np.nanmax, top, None)) if np.isfinite(top).any() else None,
-                    "max_weight": _mean(top), "kept_weight": _mean(mass),
-                    "omitted_weight": None if left is None else _mean(pick(left)),
-                    "omitted_weight_max": None if left is None or not np.isfinite(pick(left)).any()
-                    else _json_number(_nan_stat(np.nanmax, pick(left), None)),
-                    "rows": int(np.isfinite(top).sum())}
+    def averaged(select_head=None):
+        pick = (lambda a: a) if select_head is None or "head" not in row_dims else (
+            lambda a: np.take(a, select_head, axis=list(row_dims).index("head")))
+        top, mass = pick(first), pick(kept_sum)
+        return {"max": _json_number(_nan_stat(np.nanmax, top, None)) if np.isfinite(top).any() else None,
+                "max_weight": _mean(top), "kept_weight": _mean(mass),
+                "omitted_weight": None if left is None else _mean(pick(left)),
+                "omitted_weight_max": None if left is None or not np.isfinite(pick(left)).any()
+                else _json_number(_nan_stat(np.nanmax, pick(left), None)),
+                "rows": int(np.isfinite(top).sum())}
 
-        entry = {"layer": layer, "type": kind, "layout": "topk", "top_k": top_k,
-                 "key_count": None if keys is None else int(keys), **dict.fromkeys(_DENSE_KEYS), **averaged(),
-                 "shape": [int(site_node.sizes[d]) for d in site_node["weights"].dims if d != "layer"]}
-        if "head" in row_dims:
-            entry["heads"] = [{"head": head, **dict.fromkeys(_DENSE_KEYS), **averaged(index)}
-                              for index, head in enumerate(_head_labels(site_node))]
-        entries.append(entry)
-    info = {"kind": "none", "description": "not computed for top-k sites: weights outside the top k are not stored"}
-    return entries, info
+    entry = {"layer": layer, "type": kind, "layout": "topk", "top_k": top_k,
+             "key_count": None if keys is None else int(keys), **dict.fromkeys(_DENSE_KEYS), **averaged(),
+             "shape": [int(site_node.sizes[d]) for d in site_node["weights"].dims if d != "layer"]}
+    if "head" in row_dims:
+        entry["heads"] = [{"head": head, **dict.fromkeys(_DENSE_KEYS), **averaged(index)}
+                          for index, head in enumerate(_head_labels(site_node))]
+    return entry
 
 
 def _reduced_lines(summary: dict) -> list[str]:

@@ -45,6 +45,12 @@ def _validate_arguments(parser) -> None:
     parser.add_argument("path", help="attention file or URL (.zarr, .zarr.zip, .h5, .nc)")
     parser.add_argument("--json", action="store_true", help="print the report (every finding, warnings too) as JSON")
     parser.add_argument("--metadata-only", action="store_true", help="skip value checks (row sums, ranges, causal zeros)")
+    parser.add_argument("-q", "--no-progress", action="store_true",
+                        help="no progress bar (none is shown when stderr is not a terminal)")
+    parser.add_argument("--scheduler", metavar="ADDRESS|threads|processes|synchronous",
+                        help="where the value checks run (a dask graph over the stored chunks): threads (default, every "
+                             "core), processes, synchronous, or a dask.distributed scheduler address such as "
+                             "tcp://HOST:8786 (gives up after 5 s if it does not answer)")
     add_storage_option(parser)
     parser.set_defaults(run=run_validate)
 
@@ -71,7 +77,12 @@ def run_info(args) -> int:
 
 def run_validate(args) -> int:
     """``attnformat validate PATH [--json] [--metadata-only]``: 0 conforming, 1 not, 2 damaged."""
-    report = validate(args.path, check_values=not args.metadata_only, **storage_keywords(args))
+    from attnformat.compute import scheduler_name
+
+    if args.scheduler is not None:
+        scheduler_name(args.scheduler)  # a bad name: one line, exit 2, before the file is read
+    report = validate(args.path, check_values=not args.metadata_only, scheduler=args.scheduler,
+                      progress=False if args.no_progress else None, **storage_keywords(args))
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
     if report.damaged:
         return EXIT_UNREADABLE

@@ -216,8 +216,17 @@ def _build_dataset(layout: dict, loaded: dict[str, np.ndarray], directory: Path 
             lazy.pin = pin  # the directory stays pinned while this array can be read
             data = indexing.LazilyIndexedArray(lazy)
         variable = xr.Variable(layout["dims"][name], data, layout["var_attrs"][name])
+        if array.path not in loaded and array.ndim:
+            # As xarray's zarr backend does: attnformat.open(chunks=...) aligns dask chunks with these.
+            variable.encoding["preferred_chunks"] = dict(zip(layout["dims"][name], stored_chunk_shape(array)))
         (coords if name in layout["coords"] else data_vars)[name] = variable
     return xr.Dataset(data_vars, coords, attrs=layout["attrs"])
+
+
+def stored_chunk_shape(array: zarr.Array) -> tuple[int, ...]:
+    """The shape of what one read of ``array`` decodes at least: a shard if sharded, else a chunk."""
+    shards = getattr(array, "shards", None)
+    return tuple(int(size) for size in (shards or array.chunks))
 
 
 def _read_eagerly(arrays: dict[str, zarr.Array], directory: Path | None) -> dict[str, np.ndarray]:

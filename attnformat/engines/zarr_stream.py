@@ -16,8 +16,11 @@ name) as :class:`~attnformat.errors.WriterError`.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -377,3 +380,288 @@ def _write_context():
         _WRITE_CONTEXT.append(tensorstore.Context({"file_io_sync": False}))
         os.register_at_fork(after_in_child=_forked)
     return _WRITE_CONTEXT[0]
+
+
+# -- several writers of one store -------------------------------------------------------------
+#: The suffix of the folder, next to a store written by several processes, that holds their
+#: bookkeeping (the declared layout, one claim per region, one marker per region written). It is
+#: beside the store, not in it: zarr warns about any entry of a store it does not know, and a
+#: reader of the store while it is being written should see a plain Zarr store.
+LEDGER_SUFFIX = ".regions"
+
+
+def reopen_store(path: str | os.PathLike, names: Sequence[str], *, write_behind: bool = False) -> StreamingStore:
+    """A :class:`StreamingStore` over an existing (declared, unsealed) store, for region writes.
+
+    Only the arrays in ``names`` are opened; nodes are neither created nor changed, so writers of
+    disjoint regions never touch the same metadata or chunk.
+
+    Parameters
+    ----------
+    path
+        The store directory.
+    names
+        Paths of the arrays this writer may write (``"encoder/self/weights"``).
+    write_behind
+        As for :class:`StreamingStore`.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.partial.zarr"
+    >>> store = StreamingStore(path)
+    >>> store.create_group("self")
+    >>> store.create_array("self/weights", shape=(4, 2), dims=("sample", "key"), dtype="float32", fill_value=np.nan, chunks=(2, 2))
+    >>> again = reopen_store(path, ["self/weights"])
+    >>> again.write("self/weights", (slice(2, 4), slice(None)), np.ones((2, 2)), "samples 2:4")
+    """
+    store = StreamingStore.__new__(StreamingStore)
+    store.path = Path(path)
+    store.write_behind = write_behind
+    store.failed = False
+    store._arrays, store._groups, store._tensorstores = {}, {}, {}
+    store._pending, store._executor = None, None
+    with store._failing_as("opening the store"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store._groups[""] = zarr.open_group(str(store.path), mode="r+", use_consolidated=False)
+        store.zarr_format = store._groups[""].metadata.zarr_format
+        for name in names:
+            store._arrays[name] = zarr.open_array(str(store.path / name), mode="r+", config={"write_empty_chunks": True})
+    return store
+
+
+def chunk_lengths(store: StreamingStore, dim: str) -> dict[str, int]:
+    """The chunk length along ``dim`` of every array of ``store`` that has that dimension.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib
+    >>> store = StreamingStore(pathlib.Path(tempfile.mkdtemp()) / "x.zarr")
+    >>> store.create_array("w", shape=(8, 3), dims=("sample", "key"), dtype="float32", chunks=(4, 3))
+    >>> chunk_lengths(store, "sample")
+    {'w': 4}
+    """
+    lengths = {}
+    for name, array in store._arrays.items():
+        metadata = array.metadata
+        dims = metadata.dimension_names if metadata.zarr_format == 3 else array.attrs.get("_ARRAY_DIMENSIONS")
+        if dims and dim in dims:
+            lengths[name] = int(array.chunks[list(dims).index(dim)])
+    return lengths
+
+
+class RegionLedger:
+    """The bookkeeping of a store written by several processes, each a region of one dimension.
+
+    It lives next to the store (``<store>.regions``, or ``ledger``) and is written atomically (a temporary file
+    renamed into place) under an exclusive ``flock`` of its ``lock`` file:
+
+    * ``declaration.json``: the layout the declaring writer made (sites, variables, the region
+      dimension and its size), written once;
+    * ``<dim>-<start>-<stop>.claim``: a region being written; its writer holds an ``flock`` on it
+      while it writes, which the operating system drops if the writer dies, so a claim whose lock
+      is free and that has no marker belongs to a crashed writer and may be taken over;
+    * ``<dim>-<start>-<stop>.done``: the region's writer finished it (written after its last
+      chunk is on disk).
+
+    Parameters
+    ----------
+    store_path
+        The store directory.
+    ledger
+        The bookkeeping folder; ``<store_path>.regions`` by default.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> ledger = RegionLedger(pathlib.Path(tempfile.mkdtemp()) / "run.zarr")
+    >>> ledger.declare({"dim": "sample", "size": 4, "sites": {}})
+    >>> claim = ledger.claim(0, 2); claim.finish()
+    >>> ledger.missing()
+    [(2, 4)]
+    """
+
+    def __init__(self, store_path: str | os.PathLike, ledger: str | os.PathLike | None = None):
+        self.store_path = Path(store_path)
+        self.path = Path(ledger) if ledger is not None else self.store_path.with_name(self.store_path.name + LEDGER_SUFFIX)
+
+    # -- declaration -------------------------------------------------------------------------
+    def declare(self, declaration: Mapping) -> None:
+        """Record the declared layout (JSON-serialisable)."""
+        self.path.mkdir(exist_ok=True, parents=True)
+        _write_atomically(self.path / "declaration.json", json.dumps(dict(declaration)).encode())
+
+    def declaration(self) -> dict | None:
+        """The declared layout, or None if the store has none (yet)."""
+        try:
+            return json.loads((self.path / "declaration.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise WriterError(f"{self.store_path}: its region bookkeeping is unreadable ({error})") from error
+
+    # -- regions -----------------------------------------------------------------------------
+    def claim(self, start: int, stop: int) -> RegionClaim:
+        """Claim positions ``[start, stop)`` of the region dimension for this process.
+
+        Raises :class:`WriterError` if the region overlaps one being written by a live process or
+        one already written; a claim left by a crashed writer is taken over (the same region) or
+        dropped (an overlapping one).
+        """
+        declaration = self.declaration() or {}
+        dim = declaration.get("dim", "region")
+        if not (self.path / "declaration.json").exists():
+            raise WriterError(f"{self.store_path}: no declared layout (or the store is finished already)")
+        with self._locked():
+            for other_start, other_stop, claim_path in self._claims():
+                if other_stop <= start or stop <= other_start:
+                    continue
+                shown = f"{dim}={other_start}:{other_stop}"
+                if self._done_path(other_start, other_stop).exists():
+                    raise WriterError(f"{self.store_path}: region {dim}={start}:{stop} overlaps {shown}, which is written already; "
+                                      "each region is written once, by one process")
+                descriptor = _try_lock(claim_path)
+                if descriptor is None:
+                    raise WriterError(f"{self.store_path}: region {dim}={start}:{stop} overlaps {shown}, which pid "
+                                      f"{_pid_in(claim_path)} is writing; regions of different processes must not overlap")
+                if (other_start, other_stop) == (start, stop):
+                    return RegionClaim(self, start, stop, descriptor)  # a crashed writer's region: written again
+                claim_path.unlink(missing_ok=True)  # a crashed writer's overlapping claim: dropped
+                os.close(descriptor)
+            path = self._claim_path(start, stop)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return RegionClaim(self, start, stop, descriptor)
+
+    def done(self) -> list[tuple[int, int]]:
+        """The regions written, ``[(start, stop), ...]`` sorted."""
+        found = []
+        for entry in self.path.glob("*.done"):
+            parts = entry.stem.rsplit("-", 2)
+            found.append((int(parts[1]), int(parts[2])))
+        return sorted(found)
+
+    def missing(self) -> list[tuple[int, int]]:
+        """The spans of the region dimension that no finished region covers."""
+        size = int((self.declaration() or {}).get("size", 0))
+        gaps, position = [], 0
+        for start, stop in self.done():
+            if start > position:
+                gaps.append((position, start))
+            position = max(position, stop)
+        if position < size:
+            gaps.append((position, size))
+        return gaps
+
+    def seal_once(self, seal) -> bool:
+        """Call ``seal()`` if every region is written and nobody sealed the store yet; True if it
+        was called here. ``seal`` runs under the ledger's lock, so two writers finishing together
+        never both seal."""
+        try:
+            with self._locked():
+                if not (self.path / "declaration.json").exists() or self.missing():
+                    return False
+                seal()
+                return True
+        except FileNotFoundError:
+            return False  # another writer sealed the store and moved it away meanwhile
+
+    def remove(self) -> None:
+        """Remove the bookkeeping (the store is sealed)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _claims(self):
+        for entry in sorted(self.path.glob("*.claim")):
+            parts = entry.stem.rsplit("-", 2)
+            yield int(parts[1]), int(parts[2]), entry
+
+    def _claim_path(self, start, stop) -> Path:
+        return self.path / f"{(self.declaration() or {}).get('dim', 'region')}-{start}-{stop}.claim"
+
+    def _done_path(self, start, stop) -> Path:
+        return self.path / f"{(self.declaration() or {}).get('dim', 'region')}-{start}-{stop}.done"
+
+    def _locked(self):
+        return _LedgerLock(self)
+
+
+class RegionClaim:
+    """One process's claim on a region; made by :meth:`RegionLedger.claim`.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> ledger = RegionLedger(pathlib.Path(tempfile.mkdtemp()) / "run.zarr")
+    >>> ledger.declare({"dim": "step", "size": 2, "sites": {}})
+    >>> claim = ledger.claim(0, 1)
+    >>> claim.release()  # not finished: the region stays missing
+    >>> ledger.missing()
+    [(0, 2)]
+    """
+
+    def __init__(self, ledger: RegionLedger, start: int, stop: int, descriptor: int):
+        self.ledger, self.start, self.stop = ledger, start, stop
+        self._descriptor: int | None = descriptor
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+
+    def finish(self) -> None:
+        """Mark the region written (call after its last chunk is stored), then release it."""
+        _write_atomically(self.ledger._done_path(self.start, self.stop), f"{os.getpid()}\n".encode())
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the region (idempotent); without :meth:`finish` it stays unwritten."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+    def __del__(self):
+        if getattr(self, "_descriptor", None) is not None:
+            self.release()
+
+
+class _LedgerLock:
+    def __init__(self, ledger: RegionLedger):
+        self.ledger = ledger
+        self.descriptor = None
+
+    def __enter__(self):
+        # Never re-created here: a ledger that is gone means the store was sealed.
+        self.descriptor = os.open(self.ledger.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.descriptor, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.descriptor)
+        return False
+
+
+def _try_lock(path: Path) -> int | None:
+    try:
+        descriptor = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
+def _pid_in(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

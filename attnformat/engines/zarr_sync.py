@@ -428,8 +428,17 @@ def open_chunk(path: str):
         if size < _MMAP_BYTES:
             yield os.read(descriptor, size + 1)
         else:
-            with mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ) as mapped:
+            mapped = mmap.mmap(descriptor, 0, access=mmap.ACCESS_READ)
+            try:
                 yield mapped
+            finally:
+                try:
+                    mapped.close()
+                except BufferError:
+                    # A view of the map is still referenced for a moment (dask.distributed's
+                    # sampling profiler holds worker frames): it is unmapped when that view is freed.
+                    # Raising here would report a sound chunk as damaged.
+                    pass
     finally:
         os.close(descriptor)
 

@@ -80,7 +80,7 @@ def test_every_listed_command_is_provided_by_its_module(name, capsys):
     assert main([name, "--help"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"usage: attnformat {name}")
-    reads_a_file = name in ("info", "validate", "convert", "plot", "report", "stats")
+    reads_a_file = name in ("info", "validate", "convert", "plot", "report", "stats", "view", "serve", "diff")
     assert ("--storage-option" in text) == reads_a_file
 
 
