@@ -430,7 +430,7 @@ def _check_site(node: xr.DataTree, report: ValidationReport, check_values: bool,
         if layout == "topk":
             _check_topk_values(dataset, attrs, location, report, storage, node, schedule or _Schedule())
         elif layout == "statistics":
-            _check_statistics_values(dataset, attrs, location, report, storage)
+            _check_statistics_values(dataset, attrs, location, report, storage, node, schedule or _Schedule())
         else:
             _check_values(dataset, attrs, location, report, storage, node, schedule or _Schedule())
 
@@ -810,51 +810,35 @@ def _check_topk_blocks(dataset, blocks, count, normalization, tolerance, causal)
     return tally
 
 
-def _check_statistics_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None) -> None:
-    """ATTN-STAT-002: ranges of the statistics, in blocks of whole query rows over stored chunks."""
+def _check_statistics_values(dataset: xr.Dataset, attrs, location: str, report: ValidationReport, storage: _Storage | None = None,
+                             node: xr.DataTree | None = None, schedule: _Schedule | None = None) -> None:
+    """ATTN-STAT-002: ranges of the statistics, in blocks of whole query rows over stored chunks.
+
+    One dask graph for the site, as the other value checks: tasks of about ``_TASK_ELEMENTS``
+    values, each one statistic's blocks, merged in file order (the same findings on any scheduler).
+    """
     count = _as_json(attrs.get("key_count"))
     if not _is_count(count, 1):
         return  # the schema reported it
     normalization = _as_json(attrs.get("normalization"))
     normalized = normalization in ("softmax", "sparsemax")
     present = [name for name in STATISTICS if name in dataset.data_vars]
-    tally = _Tally(tuple(present) + ("order",))
+    from attnformat import compute
+
+    work = []
     for name in present:
-        variable = dataset[name]
         where = f"{location.rstrip('/')}/{name}"
         listing = storage.listing(where.lstrip("/")) if storage is not None else None
-        tolerance = _tolerance(variable) if variable.dtype.kind == "f" else 0.0
-        partner = "max_weight" if name == "sink_weight" and "max_weight" in dataset.data_vars and dataset["max_weight"].dims == variable.dims else None
-        for block in _row_blocks(variable, "query", listing):
-            for piece in block.pieces:
-                region = block.region(piece)
-                starts = {**block.row_starts(), "query": piece[0]}
-                values = np.asarray(variable.isel(region).values)
-                if name == "top_key":
-                    bad = (values < -1) | (values >= count)
-                    tally.add(name, bad, variable.dims, starts, lambda flat, v=values: f"top_key {int(v.reshape(-1)[flat])}")
-                    continue
-                if not normalized:
-                    continue
-                values = values.astype(np.float64)
-                with np.errstate(invalid="ignore"):
-                    if name == "entropy":
-                        bad = (values < -tolerance) | (values > math.log(count) + tolerance)
-                    else:
-                        bad = (values < -tolerance) | (values > 1 + tolerance)
-                    if name == "max_weight":
-                        low = values < 1.0 / count - tolerance
-                        query_mask = _query_mask_block(dataset, variable.dims, region)
-                        if query_mask is not None:
-                            low &= np.broadcast_to(query_mask, low.shape)
-                        bad |= low
-                bad &= ~np.isnan(values)
-                tally.add(name, bad, variable.dims, starts, lambda flat, v=values: f"{name} {v.reshape(-1)[flat]:.4g}")
-                if partner is not None:
-                    peak = np.asarray(dataset[partner].isel(region).values, dtype=np.float64)
-                    with np.errstate(invalid="ignore"):
-                        above = values > peak + tolerance
-                    tally.add("order", above, variable.dims, starts, lambda flat, v=values, p=peak: f"sink_weight {v.reshape(-1)[flat]:.4g} > max_weight {p.reshape(-1)[flat]:.4g}")
+        blocks = list(_row_blocks(dataset[name], "query", listing))
+        work.extend((name, batch) for batch in compute.batches(blocks, _block_elements, _TASK_ELEMENTS))
+    settings = (count, normalized, tuple(present))
+    if node is None:
+        parts = [_check_statistics_blocks(dataset, item, *settings) for item in work]
+    else:
+        parts = (schedule or _Schedule()).map(node, _statistics_blocks_task, work, *settings)
+    tally = _Tally(tuple(present) + ("order",))
+    for part in parts:
+        tally.merge(part)
     bounds = {
         "entropy": f"[0, ln key_count = {math.log(count):.4g}]",
         "max_weight": f"[1/key_count = {1 / count:.4g}, 1]",
@@ -869,6 +853,50 @@ def _check_statistics_values(dataset: xr.Dataset, attrs, location: str, report: 
             name = kind if kind != "order" else "sink_weight"
             report.add(rule_id, f"{location.rstrip('/')}/{name}", template.format(n=count_bad, at=_describe(selection), detail=detail))
 
+
+
+def _statistics_blocks_task(where, item, *settings) -> _Tally:
+    return _check_statistics_blocks(where.node().to_dataset(inherit=False), item, *settings)
+
+
+def _check_statistics_blocks(dataset, item, count, normalized, present) -> _Tally:
+    """One task of the statistics value checks: one statistic's blocks, into a tally of its own."""
+    name, blocks = item
+    variable = dataset[name]
+    tally = _Tally(tuple(present) + ("order",))
+    tolerance = _tolerance(variable) if variable.dtype.kind == "f" else 0.0
+    partner = "max_weight" if name == "sink_weight" and "max_weight" in dataset.data_vars and dataset["max_weight"].dims == variable.dims else None
+    for block in blocks:
+        for piece in block.pieces:
+            region = block.region(piece)
+            starts = {**block.row_starts(), "query": piece[0]}
+            values = np.asarray(variable.isel(region).values)
+            if name == "top_key":
+                bad = (values < -1) | (values >= count)
+                tally.add(name, bad, variable.dims, starts, lambda flat, v=values: f"top_key {int(v.reshape(-1)[flat])}")
+                continue
+            if not normalized:
+                continue
+            values = values.astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                if name == "entropy":
+                    bad = (values < -tolerance) | (values > math.log(count) + tolerance)
+                else:
+                    bad = (values < -tolerance) | (values > 1 + tolerance)
+                if name == "max_weight":
+                    low = values < 1.0 / count - tolerance
+                    query_mask = _query_mask_block(dataset, variable.dims, region)
+                    if query_mask is not None:
+                        low &= np.broadcast_to(query_mask, low.shape)
+                    bad |= low
+            bad &= ~np.isnan(values)
+            tally.add(name, bad, variable.dims, starts, lambda flat, v=values: f"{name} {v.reshape(-1)[flat]:.4g}")
+            if partner is not None:
+                peak = np.asarray(dataset[partner].isel(region).values, dtype=np.float64)
+                with np.errstate(invalid="ignore"):
+                    above = values > peak + tolerance
+                tally.add("order", above, variable.dims, starts, lambda flat, v=values, p=peak: f"sink_weight {v.reshape(-1)[flat]:.4g} > max_weight {p.reshape(-1)[flat]:.4g}")
+    return tally
 
 # -- storage --------------------------------------------------------------------------------------
 

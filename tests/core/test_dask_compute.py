@@ -233,7 +233,7 @@ def test_bad_scheduler_values_are_one_line_errors():
 
 
 @pytest.mark.parametrize("rule", ["ATTN-TOPK-002", "ATTN-TOPK-003", "ATTN-TOPK-004", "ATTN-VAL-001", "ATTN-VAL-002",
-                                  "ATTN-VAL-003", "ATTN-VAL-004"])
+                                  "ATTN-VAL-003", "ATTN-VAL-004", "ATTN-STAT-002"])
 def test_conformance_files_get_the_same_findings_on_a_cluster(rule, cluster_client):
     """The spec's invalid files (each breaks one value rule) are judged alike by every scheduler."""
     from pathlib import Path
