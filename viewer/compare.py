@@ -221,8 +221,7 @@ def jsd_grid(a, b=None, *, statistic: str = "mean_jsd", site=None, variable: str
     $summary_statistic
     $compare_options
     $color_limits
-    annotate : bool, optional
-        Write each cell's value in it; by default when every cell is at least 0.35 inch wide.
+    $annotate
     $colorbar
     $figsize
     $title

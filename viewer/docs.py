@@ -160,6 +160,10 @@ register(
         pool : {"mean", "max"}, default "mean"
             How blocks are pooled.
     """,
+    annotate="""
+        annotate : bool, optional
+            Write each cell's value in it; by default when every cell is at least 0.35 inch wide.
+    """,
     colorbar="""
         colorbar : bool, default True
             Draw a colorbar labelled with what the colours mean.

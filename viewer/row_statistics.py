@@ -287,8 +287,7 @@ def statistics_overview(source, statistic: str = "entropy", *, site=None, querie
     $statistics_rows
     $statistics_selectors
     $color_limits
-    annotate : bool, optional
-        Write each cell's value in it; by default when every cell is at least 0.35 inch wide.
+    $annotate
     $colorbar
     $figsize
     $title
