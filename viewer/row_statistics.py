@@ -36,7 +36,6 @@ from attnformat.viewer.output import (
     tick_step,
 )
 from attnformat.viewer.selection import (
-    positions_along,
     REDUCTIONS,
     SELECTABLE_DIMS,
     _view,
@@ -114,6 +113,19 @@ def statistic_label(statistic: str, attrs=None) -> str:
     return f"{name} [{units}]"
 
 
+def _positions(node, dim: str, sample) -> np.ndarray:
+    from attnformat.conventions import POSITION_COORDS
+
+    name = POSITION_COORDS[dim]
+    if name in node.coords:
+        coord = node.coords[name]
+        if "sample" in coord.dims:
+            coord = coord.isel(sample=sample or 0)
+        return np.asarray(coord.values, dtype=np.int64)
+    size = node.sizes.get(dim, key_count(node) if dim == "key" else None)
+    return np.arange(size)
+
+
 def _stored(node, statistic: str) -> str:
     name = "top_key" if statistic == "top_key_offset" else statistic
     if statistic not in STATISTIC_LABELS:
@@ -147,8 +159,8 @@ def _read(node, statistic: str, *, keep, selectors: dict):
         missing = keys < 0
         if statistic == "top_key_offset":
             sample = chosen.positions.get("sample")
-            query_positions = positions_along(node, "query", sample)[chosen.query_index]
-            key_positions = positions_along(node, "key", sample)
+            query_positions = _positions(node, "query", sample)[chosen.query_index]
+            key_positions = _positions(node, "key", sample)
             offsets = query_positions - key_positions[np.clip(keys, 0, key_positions.size - 1)]
             values = np.where(missing, np.nan, offsets.astype(np.float64))
         else:
@@ -529,9 +541,9 @@ def top_key_plot(source, *, site=None, layer=None, head=None, sample=None, step=
     ax.set_xticks(range(0, queries, query_step), query_labels[::query_step], rotation=90, fontsize=TICK_FONTSIZE)
     ax.set_xlim(-0.7, queries - 0.3)
     ax.set_xlabel("query" if query_step == 1 else f"query (every {ordinal(query_step)} label)")
-    query_positions = positions_along(site_node, "query", sample_)[chosen.query_index]
+    query_positions = _positions(site_node, "query", sample_)[chosen.query_index]
     if offset:
-        first_key = positions_along(site_node, "key", sample_)[np.flatnonzero(real_keys)[0] if real_keys is not None else 0]
+        first_key = _positions(site_node, "key", sample_)[np.flatnonzero(real_keys)[0] if real_keys is not None else 0]
         ax.axhline(0, color="0.5", linestyle="--", linewidth=0.8, label="the query itself")
         ax.plot(x, query_positions - first_key, color="0.5", linestyle=":", linewidth=0.8, label="the first key (sink)")
         ax.set_ylabel("query position - top key position")

@@ -596,38 +596,6 @@ def _select(view: _SiteView, *, variable: str, keep, drop_padding: bool, densify
     return chosen
 
 
-def positions_along(site, dim: str, sample: int | None = None) -> np.ndarray:
-    """Token positions along ``query`` or ``key``: the site's position coordinate, else 0..n-1.
-
-    Sites without a ``key`` dimension (statistics, top-k) count their keys with :func:`key_count`.
-
-    Parameters
-    ----------
-    site
-        A site group.
-    dim : {"query", "key"}
-        The dimension.
-    sample : int, optional
-        The sample, for position coordinates with a ``sample`` axis (default the first).
-
-    Examples
-    --------
-    >>> import attnformat
-    >>> tree = attnformat.open(attnformat.example_path("dense"))
-    >>> positions_along(tree["encoder/self"], "key").tolist()
-    [0, 1, 2, 3, 4, 5]
-    """
-    from attnformat.conventions import POSITION_COORDS
-
-    name = POSITION_COORDS[dim]
-    if name in site.coords:
-        coord = site.coords[name]
-        if "sample" in coord.dims:
-            coord = coord.isel(sample=sample or 0)
-        return np.asarray(coord.values, dtype=np.int64)
-    return np.arange(site.sizes.get(dim, key_count(site) if dim == "key" else None))
-
-
 def key_count(site) -> int:
     """The number of keys each row of a top-k or statistics site ranges over: its ``key_count``
     attribute, else the size of its ``key`` dimension.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from attnformat.conventions import PATCH_COORDS, ROW_SUM_TOLERANCE
+from attnformat.conventions import PATCH_COORDS, POSITION_COORDS, ROW_SUM_TOLERANCE
 from attnformat.engines import Location
 from attnformat.errors import AttnFormatError, SelectionError
 from attnformat.text import for_terminal
@@ -31,7 +31,6 @@ from attnformat.viewer.colors import BAR_COLOR
 from attnformat.viewer.docs import documented, register
 from attnformat.viewer.output import axes_or_new, grid
 from attnformat.viewer.selection import (
-    positions_along,
     SELECTABLE_DIMS,
     labels_of,
     node_labels,
@@ -340,14 +339,24 @@ class _LocalPairs:
             distance = np.maximum(np.abs(query_rows[:, None] - key_rows[None, :]), np.abs(query_cols[:, None] - key_cols[None, :]))
             eligible = ((query_rows >= 0) & (query_cols >= 0))[:, None] & ((key_rows >= 0) & (key_cols >= 0))[None, :]
             return distance <= self.info.radius, eligible
-        query_positions = positions_along(self.site, "query", sample)[rows]
-        key_positions = positions_along(self.site, "key", sample)
+        query_positions = _positions(self.site, "query", sample)[rows]
+        key_positions = _positions(self.site, "key", sample)
         local = np.abs(query_positions[:, None] - key_positions[None, :]) <= self.info.window
         return local, np.ones_like(local)
 
 
 def _rows_key(rows):
     return (rows.start, rows.stop) if isinstance(rows, slice) else tuple(np.asarray(rows).tolist())
+
+
+def _positions(site, dim: str, sample) -> np.ndarray:
+    name = POSITION_COORDS[dim]
+    if name in site.coords:
+        coord = site.coords[name]
+        if "sample" in coord.dims:
+            coord = coord.isel(sample=sample or 0)
+        return np.asarray(coord.values, dtype=np.int64)
+    return np.arange(site.sizes[dim])
 
 
 # -- which query rows -----------------------------------------------------------------------------
