@@ -188,9 +188,7 @@ def run_export_hf(args) -> int:
     from attnformat.adapters.errors import UnsupportedModelError
     from attnformat.adapters.media import model_kind
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:  # say so before spending time loading the model
-        raise AttnFormatError(f"{out}: already exists; pass --overwrite to replace it")
+    out = _output_path(args)
     kind = model_kind(args.model_dir)  # from the processor files: nothing is loaded
     if kind != "text":
         inputs = "IMAGE" if kind == "image" else "WAV"
@@ -218,6 +216,14 @@ def run_export_hf(args) -> int:
         return _conformance(path)
     notes = [_truncation_note(path, len(texts), args.max_length)] if args.max_length is not None else []
     return _summarize(path, notes=notes)
+
+
+def _output_path(args) -> Path:
+    """``args.out``, refused when it exists without ``--overwrite``: said before any time goes into loading the model."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise AttnFormatError(f"{out}: already exists; pass --overwrite to replace it")
+    return out
 
 
 def keep_from_args(args):

@@ -518,10 +518,7 @@ def add_image_parser(frameworks, help: str = "image files through a local ViT or
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="folder with config.json, the image processor's config and weights")
     parser.add_argument("images", metavar="IMAGE", nargs="+", help="image files (one sample each)")
     parser.add_argument("--text", action="append", help="CLIP: a text for the text tower; repeat for several")
-    parser.add_argument("-o", "--out", required=True, help="file to write (.zarr, .zarr.zip, .h5, .nc)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    _add_storage_options(parser)
-    parser.set_defaults(run=run_export_image)
+    _add_output_options(parser, run_export_image)
     return parser
 
 
@@ -545,53 +542,38 @@ def add_audio_parser(frameworks, help: str = "WAV files through a local Whisper 
     parser.add_argument("wavs", metavar="WAV", nargs="+", help="PCM .wav files (one sample each)")
     parser.add_argument("--transcript", action="append", help="decoder text, one per WAV (otherwise: greedy transcription)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens to transcribe without --transcript (default 20)")
-    parser.add_argument("-o", "--out", required=True, help="file to write (.zarr, .zarr.zip, .h5, .nc)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    _add_storage_options(parser)
-    parser.set_defaults(run=run_export_audio)
+    _add_output_options(parser, run_export_audio)
     return parser
 
 
 def run_export_image(args) -> int:
     """``attnformat export image MODEL_DIR IMAGE... [--text T ...] [--top-k K ...] -o OUT``: 0 when the file conforms, else 1."""
-    out = _check_out(args)
+    from attnformat.adapters import cli  # the CLI module imports this one lazily: no cycle at import
+
+    out = cli._output_path(args)
     model, processor = load_media_model(args.model_dir)
-    path = export_image(model, processor, list(args.images), out, texts=args.text, keep=_keep(args), eager=args.eager,
-                        model_name=Path(args.model_dir).name, overwrite=args.overwrite)
-    return _summarize(path)
+    path = export_image(model, processor, list(args.images), out, texts=args.text, keep=cli.keep_from_args(args),
+                        eager=args.eager, model_name=Path(args.model_dir).name, overwrite=args.overwrite)
+    return cli._summarize(path)  # exactly as ``export hf`` prints it
 
 
 def run_export_audio(args) -> int:
     """``attnformat export audio MODEL_DIR WAV... [--transcript T ...] -o OUT``: 0 when the file conforms, else 1."""
-    out = _check_out(args)
+    from attnformat.adapters import cli
+
+    out = cli._output_path(args)
     model, processor = load_media_model(args.model_dir)
     path = export_audio(model, processor, list(args.wavs), out, transcripts=args.transcript, max_new_tokens=args.max_new_tokens,
-                        keep=_keep(args), eager=args.eager, model_name=Path(args.model_dir).name, overwrite=args.overwrite)
-    return _summarize(path)
+                        keep=cli.keep_from_args(args), eager=args.eager, model_name=Path(args.model_dir).name,
+                        overwrite=args.overwrite)
+    return cli._summarize(path)
 
 
-def _add_storage_options(parser) -> None:
-    """``--top-k``, ``--statistics``, ``--dense-layers``, ``--eager``...: the storage options of ``export hf``."""
+def _add_output_options(parser, run) -> None:
+    """``-o/--out``, ``--overwrite`` and the storage options of ``export hf`` (``--top-k``, ``--eager``...); ``run`` runs it."""
     from attnformat.adapters.cli import add_keep_options  # the CLI module imports this one lazily: no cycle at import
 
+    parser.add_argument("-o", "--out", required=True, help="file to write (.zarr, .zarr.zip, .h5, .nc)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_keep_options(parser)
-
-
-def _keep(args):
-    from attnformat.adapters.cli import keep_from_args
-
-    return keep_from_args(args)
-
-
-def _check_out(args) -> Path:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:  # say so before spending time loading the model
-        raise AttnFormatError(f"{out}: already exists; pass --overwrite to replace it")
-    return out
-
-
-def _summarize(path) -> int:
-    """Print the file's sites and validation exactly as ``export hf`` does."""
-    from attnformat.adapters.cli import _summarize as summarize
-
-    return summarize(path)
+    parser.set_defaults(run=run)

@@ -37,8 +37,8 @@ from torch.overrides import TorchFunctionMode
 from attnformat.adapters.errors import CaptureStateError, UnsupportedModelError
 from attnformat.adapters.keep import keeps_by_site
 from attnformat.adapters.kernel import AttentionCall, CallWriter
+from attnformat.adapters.module_sessions import ModuleHookSession, recorder_keywords
 from attnformat.adapters.recorder import Recorder
-from attnformat.adapters.sessions import HookSession, layer_numbers, site_names_from_paths
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 _SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -193,9 +193,8 @@ def capture(
             f"{type(model).__name__}: {hint}; pass modules= (module classes, paths, or "
             f"attnformat.adapters.sdpa.find_attention_modules(model, example_input)); for nn.MultiheadAttention with "
             f"weights use attnformat.adapters.torch, for Hugging Face models attnformat.adapters.huggingface")
-    options = {"model_name": model_name or type(model).__name__, "model_framework": f"torch {torch.__version__}",
-               "model_adapter": "attnformat.adapters.sdpa", "description": description, "overwrite": overwrite, "dtype": dtype,
-               "background": True}
+    options = recorder_keywords(model, "attnformat.adapters.sdpa", model_name=model_name, description=description,
+                                overwrite=overwrite, dtype=dtype)
     return SdpaCapture(model, found, destination, site_names=site_names, tokens=tokens, keep=keep, block_bytes=block_bytes,
                        recorder_options=options)
 
@@ -264,7 +263,7 @@ class _Interceptor(TorchFunctionMode):
         return output
 
 
-class SdpaCapture(HookSession):
+class SdpaCapture(ModuleHookSession):
     """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer).
 
     Examples
@@ -277,14 +276,8 @@ class SdpaCapture(HookSession):
     """
 
     def __init__(self, model, modules, destination, *, site_names, tokens, keep, block_bytes, recorder_options):
-        super().__init__(destination, recorder_options=recorder_options)
+        super().__init__(modules, destination, site_names=site_names, tokens=tokens, recorder_options=recorder_options)
         self.model = model
-        self.modules = dict(modules)
-        names = site_names_from_paths(self.modules, site_names)
-        numbers = layer_numbers(names)
-        self.sites = {path: (names[path], numbers[path]) for path in self.modules}
-        self.layer_counts = {site: sum(1 for s, _ in self.sites.values() if s == site) for site, _ in self.sites.values()}
-        self.tokens = {site.strip("/"): dict(kw) for site, kw in (tokens or {}).items()}
         self.keep = keep
         self.block_bytes = block_bytes
         self.writer = None

@@ -25,8 +25,8 @@ from torch import nn
 
 from attnformat.adapters.arrays import to_numpy
 from attnformat.adapters.errors import CaptureStateError, UnsupportedModelError
+from attnformat.adapters.module_sessions import ModuleHookSession, recorder_keywords
 from attnformat.adapters.recorder import Recorder
-from attnformat.adapters.sessions import HookSession, layer_numbers, site_names_from_paths
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _ENCODER_SIGNATURE = inspect.signature(nn.TransformerEncoder.forward)
@@ -108,13 +108,12 @@ def capture(
             f"{type(model).__name__} holds no {_SUPPORTED}. For custom attention code, log the weights yourself with "
             f"attnformat.adapters.Recorder; for Hugging Face models use attnformat.adapters.huggingface, for graph "
             f"attention attnformat.adapters.pyg")
-    options = {"model_name": model_name or type(model).__name__, "model_framework": f"torch {torch.__version__}",
-               "model_adapter": "attnformat.adapters.torch", "description": description, "overwrite": overwrite, "dtype": dtype,
-               "background": True}
+    options = recorder_keywords(model, "attnformat.adapters.torch", model_name=model_name, description=description,
+                                overwrite=overwrite, dtype=dtype)
     return MultiheadAttentionCapture(model, modules, destination, site_names=site_names, tokens=tokens, key_sites=key_sites, recorder_options=options)
 
 
-class MultiheadAttentionCapture(HookSession):
+class MultiheadAttentionCapture(ModuleHookSession):
     """The context manager :func:`capture` returns; ``sites`` maps module paths to (site, layer).
 
     Examples
@@ -127,14 +126,8 @@ class MultiheadAttentionCapture(HookSession):
     """
 
     def __init__(self, root, modules, destination, *, site_names, tokens, key_sites, recorder_options):
-        super().__init__(destination, recorder_options=recorder_options)
+        super().__init__(modules, destination, site_names=site_names, tokens=tokens, recorder_options=recorder_options)
         self.root = root
-        self.modules = dict(modules)
-        names = site_names_from_paths(self.modules, site_names)
-        numbers = layer_numbers(names)
-        self.sites = {path: (names[path], numbers[path]) for path in self.modules}
-        self.layer_counts = {site: sum(1 for s, _ in self.sites.values() if s == site) for site, _ in self.sites.values()}
-        self.tokens = {site.strip("/"): dict(kw) for site, kw in (tokens or {}).items()}
         self.key_sites = dict(key_sites or {})
         self._seen: set[str] = set()
         self._self_sites: list[str] = []

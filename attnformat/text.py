@@ -36,6 +36,11 @@ def _escape_character(match: re.Match) -> str:
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
+def _longest_backticks(text: str) -> int:
+    """How many backticks ``text`` holds in a row at most: a code span's or block's fence needs more."""
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
 def for_terminal(text) -> str:
     """``text`` with every control character shown as an escape (``\\x1b``, ``\\n``, ``\\u202e``).
 
@@ -104,7 +109,7 @@ def markdown_code(text) -> str:
     '`run.zarr`'
     """
     text = for_terminal(text)
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    longest = _longest_backticks(text)
     fence = "`" * (longest + 1)
     padding = " " if longest or text.startswith(" ") or text.endswith(" ") else ""
     return f"{fence}{padding}{text}{padding}{fence}"
@@ -128,7 +133,7 @@ def markdown_fence(text: str) -> str:
     # not a heading
     ````
     """
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    longest = _longest_backticks(text)
     fence = "`" * max(3, longest + 1)
     return f"{fence}\n{text}\n{fence}"
 

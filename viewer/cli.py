@@ -26,8 +26,23 @@ _SELECTOR_HELP = (
 )
 
 
-def _selector(text: str):
-    """Integers stay integers (coordinate values or positions); anything else is a label."""
+def selector_argument(text: str):
+    """A selector given on the command line: integers stay integers (coordinate values or positions); anything else is a label.
+
+    Parameters
+    ----------
+    text : str
+        The option's value (``--layer 3``, ``--query '[CLS]'``); the ``type`` of selector options.
+
+    Returns
+    -------
+    int or str
+
+    Examples
+    --------
+    >>> selector_argument("3"), selector_argument("[CLS]"), selector_argument("-1")
+    (3, '[CLS]', -1)
+    """
     try:
         return int(text)
     except ValueError:
@@ -71,11 +86,11 @@ def _add_plot(subparsers, help: str):  # noqa: A002
     selectors = parser.add_argument_group("selectors")
     selectors.add_argument("--site", help="site path, e.g. encoder/self (needed when the file has several)")
     for name in ("layer", "head", "sample", "step", "time", "node"):
-        selectors.add_argument(f"--{name}", type=_selector, help=f"{name} label or index" +
+        selectors.add_argument(f"--{name}", type=selector_argument, help=f"{name} label or index" +
                                (", or mean/max" if name in ("layer", "head", "sample") else ""))
-    selectors.add_argument("--query", type=_selector, action="append",
+    selectors.add_argument("--query", type=selector_argument, action="append",
                            help="query label or index (repeat for several: query-profiles, group-bars, row-profile)")
-    selectors.add_argument("--query-group", type=_selector, action="append", dest="query_groups",
+    selectors.add_argument("--query-group", type=selector_argument, action="append", dest="query_groups",
                            help="query group(s) of the block in group-bars (default: the last group)")
     options = parser.add_argument_group("options")
     options.add_argument("--variable", help="weights (default), logits, bias, ...")
@@ -140,7 +155,7 @@ def _add_stats(subparsers, help: str):  # noqa: A002
     parser.add_argument("--variable", default="weights")
     parser.add_argument("--threshold", type=float, default=8.0,
                         help="local/global: a pairwise distance below this is local (in the distance's units; default 8)")
-    parser.add_argument("--query", type=_selector, action="append", dest="queries",
+    parser.add_argument("--query", type=selector_argument, action="append", dest="queries",
                         help="only these query rows (label or index; repeat for several), e.g. --query '[CLS]'")
     parser.add_argument("-q", "--no-progress", action="store_true",
                         help="no progress bar (none is shown when stderr is not a terminal)")
@@ -175,6 +190,35 @@ def add_scheduler_option(parser) -> None:
                              "such as tcp://HOST:8786 (gives up after 5 s if it does not answer)")
 
 
+def plot_format(output: str) -> str:
+    """The format ``-o OUTPUT`` asks for, checked before anything is computed or drawn.
+
+    Parameters
+    ----------
+    output : str
+        The ``-o`` value.
+
+    Returns
+    -------
+    str
+        ``"png"``, ``"svg"`` or ``"pdf"``.
+
+    Raises
+    ------
+    attnformat.AttnFormatError
+        For any other suffix (or none), naming ``output`` as given.
+
+    Examples
+    --------
+    >>> plot_format("map.SVG")
+    'svg'
+    """
+    suffix = os.path.splitext(output)[1].lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise AttnFormatError(f"{output}: cannot save a plot as {suffix or 'a file without suffix'!r}; use .png, .svg or .pdf")
+    return suffix
+
+
 def scheduler_keywords(args) -> dict:
     """``scheduler=`` for the library call, checked before any file is opened (a bad name is one line, exit 2).
 
@@ -201,9 +245,7 @@ _PLOT_OPTIONS = ("site", "layer", "head", "sample", "step", "time", "node", "var
 
 def run_plot(args) -> int:
     """``attnformat plot PATH KIND [selectors] -o OUT``."""
-    suffix = os.path.splitext(args.output)[1].lower().lstrip(".")
-    if suffix not in FORMATS:
-        raise AttnFormatError(f"{args.output}: cannot save a plot as {suffix or 'a file without suffix'!r}; use .png, .svg or .pdf")
+    plot_format(args.output)
     if args.kind not in PLOT_KINDS:
         raise AttnFormatError(f"no plot kind {args.kind!r}; kinds: {', '.join(PLOT_KINDS)}")
     options = {name: getattr(args, name) for name in _PLOT_OPTIONS}

@@ -14,21 +14,19 @@ Each takes two files (paths, URLs or trees) or, for the grid and the ranking, a
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from attnformat.compare import SUMMARIES, SUMMARY_DOCS, Comparison, compare, difference
 from attnformat.errors import AttnFormatError
-from attnformat.viewer.colors import color_scale, labelled_colorbar, masked
+from attnformat.viewer.colors import color_scale, labelled_colorbar
 from attnformat.viewer.docs import documented, register
 from attnformat.viewer.heatmaps import _placed_axes, draw_map, fit_title
+from attnformat.viewer.layer_head_maps import draw_layer_head_map, layer_head_figsize
 from attnformat.viewer.output import (
     TICK_FONTSIZE,
     TITLE_FONTSIZE,
     MapPanel,
     axes_or_new,
-    label_pitch,
     layout_maps,
     longest_label,
     new_figure,
@@ -200,11 +198,6 @@ def _grid_values(result: Comparison, site: str | None, statistic: str):
     return np.asarray(values.values, dtype=np.float64), layers, heads, dataset.attrs["site"]
 
 
-def _annotation_color(rgba) -> str:
-    red, green, blue = rgba[:3]
-    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
-
-
 @documented
 def jsd_grid(a, b=None, *, statistic: str = "mean_jsd", site=None, variable: str = "weights", step_a=None,
              step_b=None, allow_label_mismatch: bool = False, storage_options=None, cmap=None, vmin=None, vmax=None,
@@ -245,42 +238,19 @@ def jsd_grid(a, b=None, *, statistic: str = "mean_jsd", site=None, variable: str
     result = _comparison(a, b, site=site, variable=variable, step_a=step_a, step_b=step_b,
                          allow_label_mismatch=allow_label_mismatch, storage_options=storage_options)
     values, layers, heads, site_name = _grid_values(result, site, statistic)
-    n_layers, n_heads = values.shape
     text = title if title is not None else f"{site_name} | {statistic}: {_short(result.b)} vs {_short(result.a)}"
     label = statistic + (" [bits]" if statistic.endswith("jsd") else "")
     if ax is None:
         if figsize is None:
-            cell = 0.45 if n_layers * n_heads <= 256 else max(label_pitch(), 6.0 / max(n_layers, n_heads))
-            width = n_heads * cell + longest_label(layers) + 2.6
-            height = n_layers * cell + longest_label(heads) + 1.4
-            width = max(width, text_width(text, TITLE_FONTSIZE) + 0.5, 4.0)
-            figsize = (min(20.0, width), min(16.0, max(3.0, height, text_width(label, 10.0) + 0.8)))
+            figsize = layer_head_figsize(layers, heads, text, [label])
         ax = axes_or_new(None, figsize=figsize)
-    figure_width, figure_height = ax.figure.get_size_inches()
     low = 0.0 if vmin is None and vmax is None and statistic != "rows" else vmin
     if low is not None and vmax is None and np.isfinite(values).any() and np.nanmax(values) <= low:
         low = None  # nothing above 0 (identical inputs): let the scale widen around the data
     cmap, norm = color_scale(values, cmap=cmap if cmap is not None else "magma_r", vmin=low, vmax=vmax, diverging=False)
-    image = ax.imshow(masked(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    box = ax.get_position()
-    head_step = tick_step(n_heads, box.width * figure_width * 0.85)
-    layer_step = tick_step(n_layers, box.height * figure_height * 0.85)
-    ax.set_xticks(range(0, n_heads, head_step), heads[::head_step], fontsize=TICK_FONTSIZE)
-    ax.set_yticks(range(0, n_layers, layer_step), layers[::layer_step], fontsize=TICK_FONTSIZE)
-    ax.set_xlabel("head" if head_step == 1 else f"head (every {ordinal(head_step)} label)")
-    ax.set_ylabel("layer" if layer_step == 1 else f"layer (every {ordinal(layer_step)} label)")
-    cell_width = box.width * figure_width / max(n_heads, 1)
-    if annotate is None:
-        annotate = cell_width >= 0.35 and box.height * figure_height / max(n_layers, 1) >= 0.2
-    if annotate:
-        for (row, column), value in np.ndenumerate(values):
-            if math.isfinite(value):
-                ax.text(column, row, f"{value:.2g}" if statistic != "rows" else f"{int(value)}", ha="center",
-                        va="center", fontsize=min(7.0, 72 * cell_width / 4.5), color=_annotation_color(cmap(norm(value))))
-    if colorbar:
-        labelled_colorbar(image, ax=ax, label=label, values=values)
-    ax.set_title(text, fontsize=TITLE_FONTSIZE)
-    fit_title(ax, box.width * figure_width)
+    draw_layer_head_map(ax, values, layers, heads, cmap=cmap, norm=norm, annotate=annotate,
+                        cell_text=lambda value: f"{value:.2g}" if statistic != "rows" else f"{int(value)}",
+                        colorbar=colorbar, colorbar_label=label, title=text, fit=True)
     return ax
 
 

@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 from attnformat.cli import add_storage_option, storage_keywords
 from attnformat.errors import AttnFormatError
-from attnformat.viewer.cli import add_scheduler_option, scheduler_keywords
-
-
-def _selector(text: str):
-    """Integers stay integers (coordinate values or positions); anything else is a label."""
-    try:
-        return int(text)
-    except ValueError:
-        return text
+from attnformat.viewer.cli import add_scheduler_option, plot_format, scheduler_keywords, selector_argument
 
 
 def add_parser(subparsers, name: str, help: str):  # noqa: A002 - argparse's own keyword
@@ -56,13 +47,13 @@ def add_parser(subparsers, name: str, help: str):  # noqa: A002 - argparse's own
     parser.add_argument("other", nargs="?", help="file B (omit with --step-a/--step-b to compare two steps of A)")
     parser.add_argument("--site", help="compare this site only (default: every dense site; both must hold the same)")
     parser.add_argument("--variable", default="weights", help="weights (default: differences and JSD), logits or bias")
-    parser.add_argument("--step-a", type=_selector, help="step of A (its label, e.g. the training step, else a position)")
-    parser.add_argument("--step-b", type=_selector, help="step of B (of A when B is omitted)")
+    parser.add_argument("--step-a", type=selector_argument, help="step of A (its label, e.g. the training step, else a position)")
+    parser.add_argument("--step-b", type=selector_argument, help="step of B (of A when B is omitted)")
     parser.add_argument("--top", type=int, default=10, help="heads listed (default 10)")
     parser.add_argument("--json", action="store_true", help="print the full per-head result as JSON")
     parser.add_argument("-o", "--output", help="also draw the most changed head, the layer x head grid and the ranking (.png, .svg, .pdf)")
-    parser.add_argument("--layer", type=_selector, help="with -o: the layer of the difference map (default: most changed)")
-    parser.add_argument("--head", type=_selector, help="with -o: the head of the difference map (default: most changed)")
+    parser.add_argument("--layer", type=selector_argument, help="with -o: the layer of the difference map (default: most changed)")
+    parser.add_argument("--head", type=selector_argument, help="with -o: the head of the difference map (default: most changed)")
     parser.add_argument("--allow-label-mismatch", action="store_true",
                         help="compare even when token labels differ (default: refuse, naming the first difference)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (none is shown when stderr is not a terminal)")
@@ -81,11 +72,7 @@ def run_diff(args) -> int:
     if args.top < 0:
         raise AttnFormatError(f"--top must be 0 or more, not {args.top}")
     if args.output:
-        from attnformat.viewer.output import FORMATS
-
-        suffix = os.path.splitext(args.output)[1].lower().lstrip(".")
-        if suffix not in FORMATS:
-            raise AttnFormatError(f"{args.output}: cannot save a plot as {suffix or 'a file without suffix'!r}; use .png, .svg or .pdf")
+        plot_format(args.output)
     storage = storage_keywords(args)
     result = compare(args.path, args.other, site=args.site, variable=args.variable, step_a=args.step_a,
                      step_b=args.step_b, allow_label_mismatch=args.allow_label_mismatch, rows=False,

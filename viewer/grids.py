@@ -76,16 +76,22 @@ def _draw_panels(panels, maps, *, axes, steps, cmap, norm, origin):
     return image
 
 
-def _compact_grid(layout, panels, maps, *, count, steps, cmap, norm, origin, label, values, suptitle, chosen_for_missing,
-                  missing):
-    """A grid figure drawn by :func:`~attnformat.viewer.output.compact_panels`, with the shared colorbar, title and legend."""
-    figure = new_figure(layout.figsize, layout=None)
-    canvas, mappable = compact_panels(figure, layout, panels, maps, count=count, steps=steps, cmap=cmap, norm=norm,
-                                      origin=origin)
-    colorbar_axes = figure.add_axes(layout.colorbar_rect(count))
-    return _finish(figure, [], mappable, label=label, values=values, suptitle=suptitle,
-                   chosen_for_missing=chosen_for_missing, missing=missing, layout=layout, colorbar_axes=colorbar_axes,
-                   legend_axes=canvas)
+def _draw_grid(layout, panels, maps, *, count, steps, cmap, norm, origin, label, values, suptitle, chosen_for_missing,
+               missing, compact):
+    """The grid figure: its panels (on one canvas Axes when ``compact``, see
+    :func:`~attnformat.viewer.output.compact_panels`), the shared colorbar, title and legend."""
+    if compact:
+        figure = new_figure(layout.figsize, layout=None)
+        canvas, mappable = compact_panels(figure, layout, panels, maps, count=count, steps=steps, cmap=cmap, norm=norm,
+                                          origin=origin)
+        colorbar_axes = figure.add_axes(layout.colorbar_rect(count))
+        return _finish(figure, [], mappable, label=label, values=values, suptitle=suptitle,
+                       chosen_for_missing=chosen_for_missing, missing=missing, layout=layout,
+                       colorbar_axes=colorbar_axes, legend_axes=canvas)
+    figure, axes, colorbar_axes = placed_grid(layout, count)
+    image = _draw_panels(panels, maps, axes=axes, steps=steps, cmap=cmap, norm=norm, origin=origin)
+    return _finish(figure, axes, image, label=label, values=values, suptitle=suptitle,
+                   chosen_for_missing=chosen_for_missing, missing=missing, layout=layout, colorbar_axes=colorbar_axes)
 
 
 def _finish(figure, axes, image, *, label, values, suptitle, chosen_for_missing, missing, layout, colorbar_axes,
@@ -139,15 +145,9 @@ def _map_grid(chosen, dim: str, *, panel_title, variable, ncols, origin, cmap, v
     legend = missing_note(chosen, chosen.values) if missing else ""
     layout = layout_maps(panels, ncols=columns, figsize=figsize, suptitle=suptitle, legend=legend)
     maps = [(values, chosen.query_labels, chosen.key_labels, xlabel, ylabel) for values in chosen.values]
-    if compact:
-        return _compact_grid(layout, panels, maps, count=count, steps=lambda values: layout.steps(map_rows, map_cols),
-                             cmap=cmap, norm=norm, origin=origin, label=colorbar_label(chosen), values=chosen.values,
-                             suptitle=suptitle, chosen_for_missing=chosen, missing=missing)
-    figure, axes, colorbar_axes = placed_grid(layout, count)
-    image = _draw_panels(panels, maps, axes=axes, steps=lambda values: layout.steps(map_rows, map_cols),
-                         cmap=cmap, norm=norm, origin=origin)
-    return _finish(figure, axes, image, label=colorbar_label(chosen), values=chosen.values, suptitle=suptitle,
-                   chosen_for_missing=chosen, missing=missing, layout=layout, colorbar_axes=colorbar_axes)
+    return _draw_grid(layout, panels, maps, count=count, steps=lambda values: layout.steps(map_rows, map_cols), cmap=cmap,
+                      norm=norm, origin=origin, label=colorbar_label(chosen), values=chosen.values, suptitle=suptitle,
+                      chosen_for_missing=chosen, missing=missing, compact=compact)
 
 
 @documented
@@ -409,12 +409,6 @@ def attention_flow(source, *, layer=None, head=None, sample=None, step=None, var
     with_missing = next((c for c in chosen if has_missing_cells(c.values)), first)
     legend = missing_note(with_missing, with_missing.values) if missing else ""
     layout = layout_maps(panels, ncols=columns, figsize=figsize, suptitle=suptitle, legend=legend)
-    if compact:
-        return _compact_grid(layout, panels, maps, count=3, steps=lambda v: layout.steps(*np.shape(v)[-2:]), cmap=cmap,
-                             norm=norm, origin=origin, label=colorbar_label(first), values=values, suptitle=suptitle,
-                             chosen_for_missing=with_missing, missing=missing)
-    figure, axes, colorbar_axes = placed_grid(layout, 3)
-    image = _draw_panels(panels, maps, axes=axes, steps=lambda v: layout.steps(*np.shape(v)[-2:]),
-                         cmap=cmap, norm=norm, origin=origin)
-    return _finish(figure, axes, image, label=colorbar_label(first), values=values, suptitle=suptitle,
-                   chosen_for_missing=with_missing, missing=missing, layout=layout, colorbar_axes=colorbar_axes)
+    return _draw_grid(layout, panels, maps, count=3, steps=lambda v: layout.steps(*np.shape(v)[-2:]), cmap=cmap,
+                      norm=norm, origin=origin, label=colorbar_label(first), values=values, suptitle=suptitle,
+                      chosen_for_missing=with_missing, missing=missing, compact=compact)

@@ -32,8 +32,8 @@ from attnformat.viewer.output import (
     layout_maps,
     longest_label,
     new_figure,
-    ordinal,
     text_width,
+    thinned_label,
     tick_step,
 )
 from attnformat.viewer.selection import _reduce, labels_of, position, resolve_site, select, site_name
@@ -707,7 +707,7 @@ def group_bars(source, *, site=None, variable="weights", query_groups=None, last
         ax.tick_params(axis="y", labelsize=TICK_FONTSIZE)
         step_shown = set_ticks(ax, "x", chosen.key_labels, axis_length)
         # A thinned axis says so, as the maps do.
-        ax.set_xlabel(f"key {kind}" + (f" (every {ordinal(step_shown)} label)" if step_shown > 1 else ""), fontsize=8)
+        ax.set_xlabel(thinned_label(f"key {kind}", step_shown), fontsize=8)
         ax.set_xlim(-0.6, len(positions) - 0.4)
         if vmin is not None or vmax is not None:
             ax.set_ylim(bottom=vmin, top=vmax)

@@ -27,8 +27,8 @@ from attnformat.viewer.output import (
     layout_maps,
     longest_label,
     new_figure,
-    ordinal,
     text_width,
+    thinned_label,
     tick_step,
 )
 from attnformat.viewer.selection import DISPLAY_SIZE, pool_for_display, select, sites_of
@@ -45,10 +45,6 @@ def _step_from_axes(ax, rows: int, cols: int, query_labels, key_labels) -> tuple
     usable_w = box.width * width * 0.85 - (0.25 if len(query_labels) else 0.0)
     usable_h = box.height * height * 0.9 - 0.15 * bool(len(key_labels))
     return tick_step(rows, usable_h), tick_step(cols, usable_w)
-
-
-def _axis_label(name: str, step: int) -> str:
-    return name if step <= 1 or not name else f"{name} (every {ordinal(step)} label)"
 
 
 def _title_placement(ax, *, fixed_labels: bool) -> dict:
@@ -126,8 +122,8 @@ def draw_map(ax, values, *, cmap, norm, query_labels=(), key_labels=(), origin: 
     if len(query_labels):
         ax.set_yticks(range(0, rows, query_step), [str(label) for label in query_labels[::query_step]],
                       fontsize=TICK_FONTSIZE)
-    ax.set_xlabel(_axis_label(xlabel, key_step if len(key_labels) else 1))
-    ax.set_ylabel(_axis_label(ylabel, query_step if len(query_labels) else 1))
+    ax.set_xlabel(thinned_label(xlabel, key_step if len(key_labels) else 1))
+    ax.set_ylabel(thinned_label(ylabel, query_step if len(query_labels) else 1))
     if title:
         ax.set_title(title, fontsize=TITLE_FONTSIZE, **_title_placement(ax, fixed_labels=bool(len(query_labels))))
     if values.size and not np.isfinite(np.asarray(values, dtype=np.float64)).any():
@@ -264,17 +260,43 @@ def add_missing_legend(ax, chosen, values=None, *, figure_legend: bool = False):
     ['absent: not an edge']
     """
     handles = missing_handles(chosen, values)
-    options = dict(handles=handles, fontsize=LEGEND_FONTSIZE, frameon=False, handlelength=1.2)
     if figure_legend:
+        options = dict(handles=handles, fontsize=LEGEND_FONTSIZE, frameon=False, handlelength=1.2)
         if ax.figure.get_layout_engine() is None:
             # A figure placed by arithmetic (the grids) keeps a band at its bottom for this legend.
             return ax.figure.legend(loc="lower left", bbox_to_anchor=(0, 0), borderaxespad=0.4, **options)
         return ax.figure.legend(loc="outside lower left", **options)
+    return legend_below(ax, handles)
+
+
+def legend_below(ax, handles):
+    """A legend under ``ax``, clear of its (vertical) x tick labels and its x label.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        The Axes, with its ticks and labels set.
+    handles : list of matplotlib.artist.Artist
+        The legend's entries.
+
+    Returns
+    -------
+    matplotlib.legend.Legend
+
+    Examples
+    --------
+    >>> import matplotlib.pyplot as plt
+    >>> from matplotlib.patches import Patch
+    >>> ax = plt.figure().add_subplot()
+    >>> [t.get_text() for t in legend_below(ax, [Patch(label="not kept")]).get_texts()]
+    ['not kept']
+    """
     width, height = ax.figure.get_size_inches()
     axes_height = max(ax.get_position().height * height, 0.5)
     labels = [t.get_text() for t in ax.get_xticklabels()]
     below = longest_label(labels) + 0.1 + (0.3 if ax.get_xlabel() else 0.0)
-    return ax.legend(loc="upper left", bbox_to_anchor=(0.0, -below / axes_height), borderaxespad=0.0, **options)
+    return ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -below / axes_height), borderaxespad=0.0,
+                     fontsize=LEGEND_FONTSIZE, frameon=False, handlelength=1.2)
 
 
 def colorbar_label(chosen) -> str:

@@ -129,6 +129,28 @@ def tick_step(count: int, length: float, fontsize: float = TICK_FONTSIZE) -> int
     return max(1, math.ceil(count * label_pitch(fontsize) / length - 1e-9))
 
 
+def thinned_label(name: str, step: int) -> str:
+    """An axis label that says when only every ``step``-th tick label is shown (see :func:`tick_step`).
+
+    Parameters
+    ----------
+    name : str
+        The axis label (an empty one stays empty).
+    step : int
+        Every how many ticks a label is shown.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> thinned_label("query", 1), thinned_label("query", 3)
+    ('query', 'query (every 3rd label)')
+    """
+    return name if step <= 1 or not name else f"{name} (every {ordinal(step)} label)"
+
+
 def ordinal(number: int) -> str:
     """``2nd``, ``3rd``, ``11th``.
 
@@ -449,10 +471,6 @@ def placed_grid(layout: MapLayout, count: int, *, colorbar: bool = True):
     return figure, axes, colorbar_axes
 
 
-def _label_text(name: str, step: int) -> str:
-    return name if step <= 1 or not name else f"{name} (every {ordinal(step)} label)"
-
-
 def _text_extent(labels, fontsize: float) -> float:
     """Inches taken along its length by the longest of ``labels`` set at ``fontsize`` points.
 
@@ -462,7 +480,9 @@ def _text_extent(labels, fontsize: float) -> float:
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import TextToPath
 
-    labels = sorted({str(label) for label in labels}, key=lambda text: text_width(text, fontsize), reverse=True)[:4]
+    # Ties in the estimate are broken by the text itself: a set's order depends on the hash seed,
+    # and the figure must not (the same file drew different PNG bytes under different seeds).
+    labels = sorted({str(label) for label in labels}, key=lambda text: (-text_width(text, fontsize), text))[:4]
     if not labels:
         return 0.0
     measure, font = TextToPath(), FontProperties(size=fontsize)
@@ -657,11 +677,11 @@ def compact_panels(figure, layout: MapLayout, panels, maps, *, count: int, steps
             left = gap + extents["query", tuple(texts)]
         # Axis labels, titles: shrunk (never rewritten) when a user figsize leaves a panel narrower than they are.
         if panel.xlabel and xlabel:
-            text = _label_text(xlabel, key_step if len(key_labels) else 1)
+            text = thinned_label(xlabel, key_step if len(key_labels) else 1)
             size = min(label_size, max(4.0, label_size * w / max(text_width(text, label_size), 1e-9)))
             canvas.text(x0 + w / 2, y0 - below - label_pad, text, ha="center", va="top", fontsize=size)
         if panel.ylabel and ylabel:
-            text = _label_text(ylabel, query_step if len(query_labels) else 1)
+            text = thinned_label(ylabel, query_step if len(query_labels) else 1)
             size = min(label_size, max(4.0, label_size * h / max(text_width(text, label_size), 1e-9)))
             canvas.text(x0 - left - label_pad, y0 + h / 2, text, rotation=90, ha="right", va="center", fontsize=size)
         if panel.title:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attnformat.errors import SelectionError
-from attnformat.viewer.colors import color_scale, labelled_colorbar, masked
+from attnformat.viewer.colors import color_scale
 from attnformat.viewer.docs import documented, register
+from attnformat.viewer.layer_head_maps import draw_layer_head_map, layer_head_figsize
 from attnformat.viewer.output import (
     LEGEND_FONTSIZE,
     TICK_FONTSIZE,
@@ -31,8 +32,8 @@ from attnformat.viewer.output import (
     axes_or_new,
     label_pitch,
     longest_label,
-    ordinal,
     text_width,
+    thinned_label,
     tick_step,
 )
 from attnformat.viewer.selection import (
@@ -43,10 +44,12 @@ from attnformat.viewer.selection import (
     key_count,
     labels_of,
     position,
+    positions_along,
     real_tokens,
-    resolve_site,
     select,
+    selector_list,
     site_name,
+    site_of_layout,
 )
 
 #: The statistics a statistics site may store (spec 1.2.0), in the order figures list them.
@@ -83,18 +86,6 @@ register(
 )
 
 
-def _is_statistics(site) -> bool:
-    return _view(site).attrs.get("layout") == "statistics"
-
-
-def _statistics_site(source, site):
-    node = resolve_site(source, site)
-    if not _is_statistics(node):
-        raise SelectionError(f"site {site_name(node)} of {_view(node).source} is a {node.attrs.get('layout')!r} site, "
-                             f"not a statistics site (layout 'statistics')")
-    return node
-
-
 def statistic_label(statistic: str, attrs=None) -> str:
     """``entropy [nats]``: a statistic's name and units, as axes and colorbars say it.
 
@@ -111,19 +102,6 @@ def statistic_label(statistic: str, attrs=None) -> str:
     if statistic == "local_weight" and attrs is not None and "local_window" in attrs:
         name = f"local weight (|query - key position| <= {int(attrs['local_window'])})"
     return f"{name} [{units}]"
-
-
-def _positions(node, dim: str, sample) -> np.ndarray:
-    from attnformat.conventions import POSITION_COORDS
-
-    name = POSITION_COORDS[dim]
-    if name in node.coords:
-        coord = node.coords[name]
-        if "sample" in coord.dims:
-            coord = coord.isel(sample=sample or 0)
-        return np.asarray(coord.values, dtype=np.int64)
-    size = node.sizes.get(dim, key_count(node) if dim == "key" else None)
-    return np.arange(size)
 
 
 def _stored(node, statistic: str) -> str:
@@ -159,8 +137,8 @@ def _read(node, statistic: str, *, keep, selectors: dict):
         missing = keys < 0
         if statistic == "top_key_offset":
             sample = chosen.positions.get("sample")
-            query_positions = _positions(node, "query", sample)[chosen.query_index]
-            key_positions = _positions(node, "key", sample)
+            query_positions = positions_along(node, "query", sample)[chosen.query_index]
+            key_positions = positions_along(node, "key", sample)
             offsets = query_positions - key_positions[np.clip(keys, 0, key_positions.size - 1)]
             values = np.where(missing, np.nan, offsets.astype(np.float64))
         else:
@@ -174,8 +152,8 @@ def _read(node, statistic: str, *, keep, selectors: dict):
 def _row_positions(node, queries, sample) -> np.ndarray | None:
     if queries is None:
         return None
-    wanted = [queries] if isinstance(queries, (str, bytes, int, np.integer)) else list(queries)
-    return np.array(sorted({position(node, "query", value, sample=sample) for value in wanted}), dtype=np.int64)
+    return np.array(sorted({position(node, "query", value, sample=sample) for value in selector_list(queries)}),
+                    dtype=np.int64)
 
 
 def _rows_text(node, rows, sample) -> str:
@@ -238,7 +216,7 @@ def statistics_table(source, statistic: str = "entropy", *, site=None, queries=N
     if statistic == "top_key":
         raise SelectionError("key indices are not averaged: draw top_key_offset (query - top key position), or each "
                              "row's top key with top_key_plot")
-    site_node = _statistics_site(source, site)
+    site_node = site_of_layout(source, site, "statistics")
     chosen = _read(site_node, statistic, keep=("layer", "head"),
                    selectors=dict(sample=sample, step=step, time=time, node=node))
     values = chosen.values
@@ -262,11 +240,6 @@ def statistics_table(source, statistic: str = "entropy", *, site=None, queries=N
                            label=statistic_label(statistic, site_node.attrs), site=site_name(site_node),
                            described={d: t for d, t in chosen.described.items() if d not in ("layer", "head")},
                            over=_rows_text(site_node, rows, chosen.positions.get("sample")))
-
-
-def _annotation_color(rgba) -> str:
-    red, green, blue = rgba[:3]
-    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
 
 
 @documented
@@ -308,48 +281,16 @@ def statistics_overview(source, statistic: str = "entropy", *, site=None, querie
     """
     table = statistics_table(source, statistic, site=site, queries=queries, sample=sample, step=step, time=time,
                              node=node)
-    layers, heads = len(table.layers), len(table.heads)
     text = title if title is not None else table.title()
     if ax is None:
         if figsize is None:
-            cell = 0.45 if layers * heads <= 256 else max(label_pitch(), 6.0 / max(layers, heads))
-            width = heads * cell + longest_label(table.layers) + 2.6
-            height = layers * cell + longest_label(table.heads) + 1.4
-            width = max(width, text_width(text, TITLE_FONTSIZE) + 0.5, 4.0)
-            # The colorbar's label runs along it: the figure is at least as tall as its longer line.
-            label_height = max(text_width(line, 10.0) for line in (table.label, table.over)) + 0.8
-            figsize = (min(20.0, width), min(16.0, max(3.0, height, label_height)))
+            figsize = layer_head_figsize(table.layers, table.heads, text, (table.label, table.over))
         ax = axes_or_new(None, figsize=figsize)
-    figure_width, figure_height = ax.figure.get_size_inches()
     cmap, norm = color_scale(table.values, variable=table.statistic, cmap=cmap, vmin=vmin, vmax=vmax, diverging=False)
-    image = ax.imshow(masked(table.values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-    box = ax.get_position()
-    head_step = tick_step(heads, box.width * figure_width * 0.85)
-    layer_step = tick_step(layers, box.height * figure_height * 0.85)
-    ax.set_xticks(range(0, heads, head_step), table.heads[::head_step], fontsize=TICK_FONTSIZE)
-    ax.set_yticks(range(0, layers, layer_step), table.layers[::layer_step], fontsize=TICK_FONTSIZE)
-    ax.set_xlabel("head" if head_step == 1 else f"head (every {ordinal(head_step)} label)")
-    ax.set_ylabel("layer" if layer_step == 1 else f"layer (every {ordinal(layer_step)} label)")
-    cell_width = box.width * figure_width / max(heads, 1)
-    if annotate is None:
-        annotate = cell_width >= 0.35 and box.height * figure_height / max(layers, 1) >= 0.2
-    if annotate:
-        for (layer, head), value in np.ndenumerate(table.values):
-            if math.isfinite(value):
-                ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=min(7.0, 72 * cell_width / 4.5),
-                        color=_annotation_color(cmap(norm(value))))
-    if colorbar:
-        labelled_colorbar(image, ax=ax, label=f"{table.label}\n{table.over}", values=table.values)
-    ax.set_title(text, fontsize=TITLE_FONTSIZE)
+    draw_layer_head_map(ax, table.values, table.layers, table.heads, cmap=cmap, norm=norm, annotate=annotate,
+                        cell_text=lambda value: f"{value:.2f}", colorbar=colorbar,
+                        colorbar_label=f"{table.label}\n{table.over}", title=text)
     return ax
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (str, bytes, int, np.integer)):
-        return [value]
-    return list(value)
 
 
 @documented
@@ -388,7 +329,7 @@ def statistics_profile(source, statistic: str = "sink_weight", *, site=None, lay
     """
     if statistic == "top_key":
         raise SelectionError("key indices are not drawn as a profile: draw top_key_offset, or top_key_plot")
-    site_node = _statistics_site(source, site)
+    site_node = site_of_layout(source, site, "statistics")
     chosen = _read(site_node, statistic, keep=("layer", "head"),
                    selectors=dict(sample=sample, step=step, time=time, node=node))
     values, dims = chosen.values, list(chosen.dims)
@@ -403,7 +344,7 @@ def statistics_profile(source, statistic: str = "sink_weight", *, site=None, lay
     values = np.moveaxis(values, [dims.index("layer"), dims.index("head")], [0, 1])
     layer_labels = labels_of(site_node, "layer") if "layer" in chosen.dims else ["all"]
     head_labels = labels_of(site_node, "head") if "head" in chosen.dims else ["mean"]
-    layer_rows = ([position(site_node, "layer", v) for v in _as_list(layer)] if "layer" in chosen.dims and layer is not None
+    layer_rows = ([position(site_node, "layer", v) for v in selector_list(layer)] if "layer" in chosen.dims and layer is not None
                   else list(range(values.shape[0])))
     reduce = head is None or (isinstance(head, str) and head in REDUCTIONS)
     if reduce and "head" in chosen.dims:
@@ -415,7 +356,7 @@ def statistics_profile(source, statistic: str = "sink_weight", *, site=None, lay
             reduced = np.nanmean(values, axis=1) if how == "mean" else np.nanmax(values, axis=1)
         lines = [(f"layer {layer_labels[l]}, {how} of {len(head_labels)} heads", reduced[l]) for l in layer_rows]
     else:
-        heads = [position(site_node, "head", v) for v in _as_list(head)] if "head" in chosen.dims else [0]
+        heads = [position(site_node, "head", v) for v in selector_list(head)] if "head" in chosen.dims else [0]
         lines = [(f"layer {layer_labels[l]}" + (f" head {head_labels[h]}" if "head" in chosen.dims else ""), values[l, h])
                  for l in layer_rows for h in heads]
     queries = values.shape[-1]
@@ -435,7 +376,7 @@ def statistics_profile(source, statistic: str = "sink_weight", *, site=None, lay
     step_ = tick_step(queries, box.width * ax.figure.get_size_inches()[0] * 0.8)
     ax.set_xticks(range(0, queries, step_), labels[::step_], rotation=90, fontsize=TICK_FONTSIZE)
     ax.set_xlim(-0.5, queries - 0.5)
-    xlabel = "query" if step_ == 1 else f"query (every {ordinal(step_)} label)"
+    xlabel = thinned_label("query", step_)
     if missing:
         xlabel += "; gaps: rows not captured"
     ax.set_xlabel(xlabel)
@@ -497,7 +438,7 @@ def top_key_plot(source, *, site=None, layer=None, head=None, sample=None, step=
     >>> len(ax.collections), ax.get_ylabel()
     (4, 'top key')
     """
-    site_node = _statistics_site(source, site)
+    site_node = site_of_layout(source, site, "statistics")
     statistic = "top_key_offset" if offset else "top_key"
     chosen = _read(site_node, statistic, keep=("head",),
                    selectors=dict(layer=layer, sample=sample, step=step, time=time, node=node))
@@ -505,7 +446,7 @@ def top_key_plot(source, *, site=None, layer=None, head=None, sample=None, step=
     if "head" not in dims:
         values = values[None]
     head_labels = labels_of(site_node, "head") if "head" in chosen.dims else ["mean"]
-    heads = ([position(site_node, "head", v) for v in _as_list(head)] if head is not None and "head" in chosen.dims
+    heads = ([position(site_node, "head", v) for v in selector_list(head)] if head is not None and "head" in chosen.dims
              else list(range(values.shape[0])))
     sample_ = chosen.positions.get("sample")
     query_labels = list(chosen.query_labels)
@@ -540,10 +481,10 @@ def top_key_plot(source, *, site=None, layer=None, head=None, sample=None, step=
     query_step = tick_step(queries, width_in * 0.8)
     ax.set_xticks(range(0, queries, query_step), query_labels[::query_step], rotation=90, fontsize=TICK_FONTSIZE)
     ax.set_xlim(-0.7, queries - 0.3)
-    ax.set_xlabel("query" if query_step == 1 else f"query (every {ordinal(query_step)} label)")
-    query_positions = _positions(site_node, "query", sample_)[chosen.query_index]
+    ax.set_xlabel(thinned_label("query", query_step))
+    query_positions = positions_along(site_node, "query", sample_)[chosen.query_index]
     if offset:
-        first_key = _positions(site_node, "key", sample_)[np.flatnonzero(real_keys)[0] if real_keys is not None else 0]
+        first_key = positions_along(site_node, "key", sample_)[np.flatnonzero(real_keys)[0] if real_keys is not None else 0]
         ax.axhline(0, color="0.5", linestyle="--", linewidth=0.8, label="the query itself")
         ax.plot(x, query_positions - first_key, color="0.5", linestyle=":", linewidth=0.8, label="the first key (sink)")
         ax.set_ylabel("query position - top key position")
@@ -553,7 +494,7 @@ def top_key_plot(source, *, site=None, layer=None, head=None, sample=None, step=
         ax.set_ylim(keys - 0.5, -0.5)  # first key at the top, like a map
         if site_node.attrs.get("attention_type", "self") == "self" and keys == queries:
             ax.plot(x, x, color="0.5", linestyle="--", linewidth=0.8, label="the query itself")
-        ax.set_ylabel("top key" if key_step == 1 else f"top key (every {ordinal(key_step)} label)")
+        ax.set_ylabel(thinned_label("top key", key_step))
     chosen_text = chosen.describe(skip=("head",))
     ax.set_title(title if title is not None else " | ".join(
         p for p in (site_name(site_node), chosen_text, "top key per query row" + (" (offset)" if offset else "")) if p),

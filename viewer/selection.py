@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attnformat import resolving
-from attnformat.conventions import ATTENTION_VARIABLES, LABEL_COORDS, MASK_COORDS, ROOT_COMPLETENESS, is_site
+from attnformat.conventions import ATTENTION_VARIABLES, LABEL_COORDS, MASK_COORDS, POSITION_COORDS, ROOT_COMPLETENESS, is_site
 from attnformat.engines import Location
 from attnformat.errors import AttnFormatError, NonConformingError, SelectionError, UnreadableFileError
 from attnformat.verdicts import may_read_directly, remember_conforming, version_of
@@ -137,6 +137,45 @@ def resolve_site(source, site: str | None = None, storage_options=None):
     if site is not None and is_site(tree.attrs) and tree.path.strip("/") == str(site).strip("/"):
         return tree
     return get_site(tree.root if is_site(tree.attrs) else tree, site)
+
+
+#: What figures call a site of each reduced layout.
+_LAYOUT_NAMES = {"topk": "top-k", "statistics": "statistics"}
+
+
+def site_of_layout(source, site: str | None, layout: str):
+    """The site :func:`resolve_site` finds, refused unless its layout is ``layout``.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or xarray.DataTree
+        The file or an opened tree.
+    site : str, optional
+        Site path; the only site when the file has one.
+    layout : {"topk", "statistics"}
+        The layout the site must have.
+
+    Returns
+    -------
+    xarray.DataTree
+        The site's group.
+
+    Raises
+    ------
+    attnformat.SelectionError
+        When the site has another layout (naming it and the file).
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> site_of_layout(attnformat.example_path("statistics"), None, "statistics").name
+    'self_stats'
+    """
+    node = resolve_site(source, site)
+    if _view(node).attrs.get("layout") != layout:
+        raise SelectionError(f"site {site_name(node)} of {_view(node).source} is a {node.attrs.get('layout')!r} site, "
+                             f"not a {_LAYOUT_NAMES[layout]} site (layout {layout!r})")
+    return node
 
 
 def site_name(site) -> str:
@@ -307,15 +346,20 @@ def labels_of(site, dim: str, sample: int | None = None) -> list[str]:
     view = _view(site)
     name = LABEL_COORDS.get(dim)
     if name and name in view.coords:
-        labels = view.values(name)
-        if "sample" in view.dims(name):
-            labels = np.take(labels, sample or 0, axis=view.dims(name).index("sample"))
-        return [str(v) for v in labels]
+        return [str(v) for v in _of_sample(view, name, sample)]
     if dim in view.coords:
         return [str(v) for v in view.values(dim)]
     if dim == "key" and "key" not in view.sizes:  # a top-k or statistics site without key coordinates
         return [str(i) for i in range(key_count(view))]
     return [str(i) for i in range(view.sizes[dim])]
+
+
+def _of_sample(view: _SiteView, name: str, sample: int | None):
+    """The values of coordinate ``name``; of one sample (the first when None) when they vary by sample."""
+    values = view.values(name)
+    if "sample" in view.dims(name):
+        values = np.take(values, sample or 0, axis=view.dims(name).index("sample"))
+    return values
 
 
 def first_generated(site, dim: str = "query", sample: int | None = None, index=None) -> int | None:
@@ -338,14 +382,35 @@ def first_generated(site, dim: str = "query", sample: int | None = None, index=N
     name = GENERATION_STEP_COORDS[dim]
     if name not in view.coords:
         return None
-    steps = view.values(name)
-    if "sample" in view.dims(name):
-        steps = np.take(steps, sample or 0, axis=view.dims(name).index("sample"))
-    steps = np.asarray(steps).reshape(-1)
+    steps = np.asarray(_of_sample(view, name, sample)).reshape(-1)
     if index is not None:
         steps = steps[np.asarray(index, dtype=np.int64)]
     generated = np.flatnonzero(steps >= 0)
     return int(generated[0]) if generated.size and generated[0] > 0 else None
+
+
+def selector_list(value) -> list:
+    """Selectors given one by itself or several at once, as a list.
+
+    Parameters
+    ----------
+    value : str, bytes, int, iterable or None
+        One label or position, several, or None (none: the caller's default).
+
+    Returns
+    -------
+    list
+
+    Examples
+    --------
+    >>> selector_list("cat"), selector_list(3), selector_list((0, "dog")), selector_list(None)
+    (['cat'], [3], [0, 'dog'], [])
+    """
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, int, np.integer)):
+        return [value]
+    return list(value)
 
 
 def position(site, dim: str, value, *, sample: int | None = None) -> int:
@@ -596,6 +661,50 @@ def _select(view: _SiteView, *, variable: str, keep, drop_padding: bool, densify
     return chosen
 
 
+def positions_along(site, dim: str, sample: int | None = None) -> np.ndarray:
+    """Token positions along ``query`` or ``key``: the site's position coordinate, else 0, 1, 2...
+
+    A site without a ``key`` dimension (statistics, top-k) counts its keys with :func:`key_count`.
+
+    Parameters
+    ----------
+    site : xarray.DataTree or xarray.Dataset
+        A site group.
+    dim : {"query", "key"}
+        The dimension.
+    sample : int, optional
+        The sample, when the position coordinate has a ``sample`` axis (default the first).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 positions, one per token.
+
+    Examples
+    --------
+    >>> import attnformat
+    >>> tree = attnformat.open(attnformat.example_path("dense"))
+    >>> positions_along(tree["encoder/self"], "key").tolist()
+    [0, 1, 2, 3, 4, 5]
+    """
+    name = POSITION_COORDS[dim]
+    if name in site.coords:
+        return _integer_coord(site, name, sample)
+    if dim == "key" and dim not in site.sizes:
+        # Asked only here, where it is needed: key_count reads attributes that a site with a key
+        # dimension never needs, and that a hostile file can make unreadable.
+        return np.arange(key_count(site))
+    return np.arange(site.sizes[dim])
+
+
+def _integer_coord(site, name: str, sample: int | None) -> np.ndarray:
+    """Integer coordinate ``name`` of a site group; of one sample (the first when None) when it varies by sample."""
+    coord = site.coords[name]
+    if "sample" in coord.dims:
+        coord = coord.isel(sample=sample or 0)
+    return np.asarray(coord.values, dtype=np.int64)
+
+
 def key_count(site) -> int:
     """The number of keys each row of a top-k or statistics site ranges over: its ``key_count``
     attribute, else the size of its ``key`` dimension.
@@ -818,10 +927,7 @@ def real_tokens(site, dim: str, sample: int | None) -> np.ndarray | None:
     name = MASK_COORDS[dim]
     if name not in view.coords:
         return None
-    mask = view.values(name)
-    if "sample" in view.dims(name):
-        mask = np.take(mask, sample or 0, axis=view.dims(name).index("sample"))
-    keep = np.asarray(mask, dtype=bool)
+    keep = np.asarray(_of_sample(view, name, sample), dtype=bool)
     return None if keep.all() else keep
 
 

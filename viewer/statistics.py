@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from attnformat.conventions import PATCH_COORDS, POSITION_COORDS, ROW_SUM_TOLERANCE
+from attnformat.conventions import PATCH_COORDS, ROW_SUM_TOLERANCE
 from attnformat.engines import Location
 from attnformat.errors import AttnFormatError, SelectionError
 from attnformat.text import for_terminal
@@ -32,12 +32,15 @@ from attnformat.viewer.docs import documented, register
 from attnformat.viewer.output import axes_or_new, grid
 from attnformat.viewer.selection import (
     SELECTABLE_DIMS,
+    _integer_coord,
     labels_of,
     node_labels,
     position,
+    positions_along,
     real_tokens,
     resolve_site,
     select,
+    selector_list,
     site_name,
     sites_of,
 )
@@ -91,6 +94,10 @@ register(
             Restrict the statistics to these query rows (labels such as ``"[CLS]"`` or
             positions), seed 003's CLS-only statistics; outputs then say "query [CLS] only".
             For edge sites, the target nodes. All queries by default.
+    """,
+    pairs_k="""
+        k : int, default 10
+            How many pairs.
     """,
 )
 
@@ -187,13 +194,7 @@ def _patch_coords(site, dim: str, sample: int | None):
     names = PATCH_COORDS[dim]
     if not all(name in site.coords for name in names):
         return None
-    found = []
-    for name in names:
-        coord = site.coords[name]
-        if "sample" in coord.dims:
-            coord = coord.isel(sample=sample or 0)
-        found.append(np.asarray(coord.values, dtype=np.int64))
-    return found
+    return [_integer_coord(site, name, sample) for name in names]
 
 
 def _self_square(site) -> bool:
@@ -339,8 +340,8 @@ class _LocalPairs:
             distance = np.maximum(np.abs(query_rows[:, None] - key_rows[None, :]), np.abs(query_cols[:, None] - key_cols[None, :]))
             eligible = ((query_rows >= 0) & (query_cols >= 0))[:, None] & ((key_rows >= 0) & (key_cols >= 0))[None, :]
             return distance <= self.info.radius, eligible
-        query_positions = _positions(self.site, "query", sample)[rows]
-        key_positions = _positions(self.site, "key", sample)
+        query_positions = positions_along(self.site, "query", sample)[rows]
+        key_positions = positions_along(self.site, "key", sample)
         local = np.abs(query_positions[:, None] - key_positions[None, :]) <= self.info.window
         return local, np.ones_like(local)
 
@@ -349,25 +350,7 @@ def _rows_key(rows):
     return (rows.start, rows.stop) if isinstance(rows, slice) else tuple(np.asarray(rows).tolist())
 
 
-def _positions(site, dim: str, sample) -> np.ndarray:
-    name = POSITION_COORDS[dim]
-    if name in site.coords:
-        coord = site.coords[name]
-        if "sample" in coord.dims:
-            coord = coord.isel(sample=sample or 0)
-        return np.asarray(coord.values, dtype=np.int64)
-    return np.arange(site.sizes[dim])
-
-
 # -- which query rows -----------------------------------------------------------------------------
-
-
-def _as_list(queries) -> list:
-    if queries is None:
-        return []
-    if isinstance(queries, (str, bytes, int, np.integer)):
-        return [queries]
-    return list(queries)
 
 
 def query_rows(site, queries, sample: int | None = None) -> np.ndarray | None:
@@ -389,7 +372,7 @@ def query_rows(site, queries, sample: int | None = None) -> np.ndarray | None:
     >>> query_rows(resolve_site(attnformat.example_path("image")), "[CLS]").tolist()
     [0]
     """
-    wanted = _as_list(queries)
+    wanted = selector_list(queries)
     if not wanted:
         return None
     if site.attrs.get("layout") == "edge":
@@ -1229,31 +1212,32 @@ def _reduced_lines(summary: dict) -> list[str]:
     def cell(value, width=9, digits=4):
         return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
+    def statistics_cells(entry) -> str:
+        return (f"{cell(entry.get('entropy'))} {cell(entry.get('max_weight'))} {cell(entry.get('sink_weight'))} "
+                f"{cell(entry.get('local_weight'))} {cell(entry.get('top_key_first'))} {entry['rows']:>7}")
+
+    def topk_cells(entry) -> str:
+        ratio = f"{entry['top_k']}/{entry['key_count'] if entry['key_count'] is not None else '?'}"
+        return (f"{ratio:>9} {cell(entry.get('max'))} {cell(entry.get('max_weight'))} {cell(entry.get('kept_weight'))} "
+                f"{cell(entry.get('omitted_weight'))} {cell(entry.get('omitted_weight_max'))} {entry['rows']:>7}")
+
+    tables = (
+        ("statistics", "stored per-row statistics (mean over captured rows; entropy in nats):",
+         f"{'entropy':>9} {'max_w':>9} {'sink_w':>9} {'local_w':>9} {'top=key0':>9} {'rows':>7}", statistics_cells),
+        ("topk", "top-k sites (kept weights, exact; omitted mass as stored):",
+         f"{'k/keys':>9} {'max':>9} {'max_w':>9} {'kept':>9} {'omitted':>9} {'omit_max':>9} {'rows':>7}", topk_cells),
+    )
     layouts = summary.get("layouts", {})
     lines = []
-    stored = [name for name, layout in layouts.items() if layout == "statistics" and name in summary["sites"]]
-    if stored:
-        lines.append("stored per-row statistics (mean over captured rows; entropy in nats):")
-        lines.append(f"{'site':22} {'layer':>5} {'entropy':>9} {'max_w':>9} {'sink_w':>9} {'local_w':>9} "
-                     f"{'top=key0':>9} {'rows':>7}")
-        for name in stored:
-            for entry in summary["sites"][name]:
-                layer = entry["layer"] if entry["layer"] is not None else "-"
-                lines.append(f"{for_terminal(name):22} {layer:>5} {cell(entry.get('entropy'))} "
-                             f"{cell(entry.get('max_weight'))} {cell(entry.get('sink_weight'))} "
-                             f"{cell(entry.get('local_weight'))} {cell(entry.get('top_key_first'))} {entry['rows']:>7}")
-    topk = [name for name, layout in layouts.items() if layout == "topk" and name in summary["sites"]]
-    if topk:
-        lines.append("top-k sites (kept weights, exact; omitted mass as stored):")
-        lines.append(f"{'site':22} {'layer':>5} {'k/keys':>9} {'max':>9} {'max_w':>9} {'kept':>9} {'omitted':>9} "
-                     f"{'omit_max':>9} {'rows':>7}")
-        for name in topk:
-            for entry in summary["sites"][name]:
-                layer = entry["layer"] if entry["layer"] is not None else "-"
-                ratio = f"{entry['top_k']}/{entry['key_count'] if entry['key_count'] is not None else '?'}"
-                lines.append(f"{for_terminal(name):22} {layer:>5} {ratio:>9} {cell(entry.get('max'))} "
-                             f"{cell(entry.get('max_weight'))} {cell(entry.get('kept_weight'))} "
-                             f"{cell(entry.get('omitted_weight'))} {cell(entry.get('omitted_weight_max'))} {entry['rows']:>7}")
+    for wanted, heading, columns, cells in tables:
+        names = [name for name, layout in layouts.items() if layout == wanted and name in summary["sites"]]
+        if names:
+            lines.append(heading)
+            lines.append(f"{'site':22} {'layer':>5} {columns}")
+            for name in names:
+                for entry in summary["sites"][name]:
+                    layer = entry["layer"] if entry["layer"] is not None else "-"
+                    lines.append(f"{for_terminal(name):22} {layer:>5} {cells(entry)}")
     return lines
 
 
@@ -1465,8 +1449,7 @@ def top_pairs(source, *, site=None, k: int = 10, variable="weights", layer=None,
     ----------
     $source
     $site
-    k : int, default 10
-        How many pairs.
+    $pairs_k
     $variable
     $selectors
 
@@ -1506,8 +1489,7 @@ def top_pairs_plot(source, *, site=None, k: int = 10, variable="weights", layer=
     ----------
     $source
     $site
-    k : int, default 10
-        How many pairs.
+    $pairs_k
     $variable
     $selectors
     $ax

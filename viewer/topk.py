@@ -26,7 +26,7 @@ import numpy as np
 from attnformat.errors import SelectionError
 from attnformat.viewer.colors import MISSING_COLOR, color_scale, labelled_colorbar, masked
 from attnformat.viewer.docs import documented, register
-from attnformat.viewer.heatmaps import fit_title  # also registers the heatmap parameter docs used below
+from attnformat.viewer.heatmaps import fit_title, legend_below  # also registers the heatmap parameter docs used below
 from attnformat.viewer.output import (
     LEGEND_FONTSIZE,
     TICK_FONTSIZE,
@@ -35,10 +35,9 @@ from attnformat.viewer.output import (
     axes_or_new,
     label_pitch,
     layout_maps,
-    longest_label,
     new_figure,
-    ordinal,
     text_width,
+    thinned_label,
     tick_step,
 )
 from attnformat.viewer.selection import (
@@ -50,7 +49,8 @@ from attnformat.viewer.selection import (
     position,
     resolve_site,
     select,
-    site_name,
+    selector_list,
+    site_of_layout,
 )
 
 #: Colour of pairs a top-k site did not keep (unknown weight, at most the row's smallest kept one).
@@ -82,10 +82,6 @@ register(
             value; a block with no kept pair is drawn as not kept.
     """,
 )
-
-
-def _is_topk(site) -> bool:
-    return _view(site).attrs.get("layout") == "topk"
 
 
 @documented
@@ -123,10 +119,7 @@ def topk_map(source, *, site=None, layer=None, head=None, sample=None, step=None
     >>> chosen.values.shape, chosen.topk.top_k
     ((8, 8), 3)
     """
-    node_ = resolve_site(source, site)
-    if not _is_topk(node_):
-        raise SelectionError(f"site {site_name(node_)} of {_view(node_).source} is a {node_.attrs.get('layout')!r} site, "
-                             f"not a top-k site (layout 'topk')")
+    node_ = site_of_layout(source, site, "topk")
     return select(node_, "weights", layer=layer, head=head, sample=sample, step=step, time=time, node=node,
                   drop_padding=drop_padding)
 
@@ -210,10 +203,6 @@ def _ticks(ax, labels, count: int, step: int, axis: str) -> None:
         ax.set_xticks(list(positions), shown, rotation=90, fontsize=TICK_FONTSIZE)
     else:
         ax.set_yticks(list(positions), shown, fontsize=TICK_FONTSIZE)
-
-
-def _step(count: int, inches: float) -> int:
-    return tick_step(count, inches)
 
 
 def not_kept_color(cmap) -> str:
@@ -324,8 +313,8 @@ def topk_heatmap(source, *, site=None, layer=None, head=None, sample=None, step=
         figure_width, figure_height = ax.figure.get_size_inches()
         box = ax.get_position()
         width = box.width * figure_width
-        query_step = _step(rows, box.height * figure_height * 0.9)
-        key_step = _step(cols, width * 0.85)
+        query_step = tick_step(rows, box.height * figure_height * 0.9)
+        key_step = tick_step(cols, width * 0.85)
     image = ax.imshow(masked(values), cmap=cmap, norm=norm, aspect="auto", origin=origin, interpolation="nearest")
     if np.any(partial):
         overlay = np.zeros(partial.shape + (4,))
@@ -335,8 +324,8 @@ def topk_heatmap(source, *, site=None, layer=None, head=None, sample=None, step=
         ax.axhspan(start - 0.5, stop - 0.5, color=MISSING_COLOR, linewidth=0, zorder=2)
     _ticks(ax, key_labels, cols, key_step, "x")
     _ticks(ax, query_labels, rows, query_step, "y")
-    xlabel = "key" if key_step <= 1 or not key_labels else f"key (every {ordinal(key_step)} label)"
-    ylabel = "query" if query_step <= 1 or not query_labels else f"query (every {ordinal(query_step)} label)"
+    xlabel = thinned_label("key", key_step if key_labels else 1)
+    ylabel = thinned_label("query", query_step if query_labels else 1)
     # Generated maps: a dashed line between the prompt and the generated tokens.
     sample_position = chosen.positions.get("sample")
     for dim, draw in (("query", ax.axhline), ("key", ax.axvline)):
@@ -357,7 +346,7 @@ def topk_heatmap(source, *, site=None, layer=None, head=None, sample=None, step=
             label += f", {detail.reduction} of {detail.maps}"
         labelled_colorbar(image, ax=ax, label=label, values=values,
                           **({"cax": colorbar_axes} if colorbar_axes is not None else {}))
-    _legend_below(ax, handles)
+    legend_below(ax, handles)
     fit_title(ax, width)
     return ax
 
@@ -366,15 +355,6 @@ def _rgba(color) -> tuple:
     from matplotlib.colors import to_rgba
 
     return to_rgba(color)
-
-
-def _legend_below(ax, handles):
-    width, height = ax.figure.get_size_inches()
-    axes_height = max(ax.get_position().height * height, 0.5)
-    labels = [t.get_text() for t in ax.get_xticklabels()]
-    below = longest_label(labels) + 0.1 + (0.3 if ax.get_xlabel() else 0.0)
-    return ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -below / axes_height), borderaxespad=0.0,
-                     fontsize=LEGEND_FONTSIZE, frameon=False, handlelength=1.2)
 
 
 # -- row profiles ---------------------------------------------------------------------------------------
@@ -398,14 +378,6 @@ class RowProfile:
     partial_lower: np.ndarray
     omitted: float
     captured: bool
-
-
-def _query_list(queries) -> list:
-    if queries is None:
-        return []
-    if isinstance(queries, (str, bytes, int, np.integer)):
-        return [queries]
-    return list(queries)
 
 
 @documented
@@ -434,13 +406,10 @@ def row_profiles(source, queries=None, *, site=None, layer=None, head=None, samp
     >>> sorted(rows[0].keys.tolist()), round(float(rows[0].weights.sum() + rows[0].omitted), 5)
     ([0, 1, 2], 1.0)
     """
-    site_node = resolve_site(source, site)
-    if not _is_topk(site_node):
-        raise SelectionError(f"site {site_name(site_node)} of {_view(site_node).source} is a "
-                             f"{site_node.attrs.get('layout')!r} site, not a top-k site (layout 'topk')")
+    site_node = site_of_layout(source, site, "topk")
     view = _view(site_node)
     selectors = dict(layer=layer, head=head, sample=sample, step=step, time=time, node=node)
-    wanted = _query_list(queries)
+    wanted = selector_list(queries)
     if wanted:
         sample_position = None
         if sample is not None and "sample" in view.sizes and not (isinstance(sample, str) and sample in REDUCTIONS):
