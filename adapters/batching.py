@@ -23,6 +23,7 @@ import numpy as np
 
 from attnformat.adapters.errors import UnsupportedModelError
 from attnformat.adapters.recorder import Recorder
+from attnformat.adapters.module_sessions import write_behind_helps
 from attnformat.errors import AttnFormatError
 
 #: Suffixes read as JSON Lines by :func:`read_texts` when ``format="auto"``.
@@ -292,7 +293,7 @@ def export_texts(
         destination, model_name=model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__,
         model_framework=f"transformers {huggingface._transformers_version()}", model_adapter="attnformat.adapters.huggingface",
         description=description or f"Attention of {type(model).__name__} on {count} text(s), {batch_size} per batch.",
-        attrs=attrs, overwrite=overwrite, dtype=dtype, background=True)
+        attrs=attrs, overwrite=overwrite, dtype=dtype, background=write_behind_helps(model))
     pad_labels = _pad_labels(tokenizer)
     bar = _progress_bar(count, progress)
     device = _device_of(model)

@@ -88,10 +88,10 @@ def _add_export(subparsers, help: str):  # noqa: A002
 
 
 def add_keep_options(parser) -> None:
-    """Give an export subcommand the storage choices (``--top-k``, ``--statistics``, ``--dense-layers``...) and ``--eager``.
+    """Give an export subcommand the storage choices (``--top-k``, ``--statistics``, ``--dense-layers``...), ``--eager`` and ``--kernel``.
 
     :func:`keep_from_args` turns the parsed options into the capture's ``keep``; ``args.eager``
-    is the capture's ``eager``.
+    and ``args.kernel`` are the capture's ``eager`` and ``kernel``.
 
     Parameters
     ----------
@@ -119,6 +119,10 @@ def add_keep_options(parser) -> None:
     keep.add_argument("--float16", action="store_true", help="store weights as float16 (half the file, about three significant digits)")
     parser.add_argument("--eager", action="store_true",
                         help="run the model with eager attention (materializes every layer's weights) instead of its own kernel")
+    parser.add_argument("--kernel", choices=("keep", "replace"), default="keep",
+                        help="keep (default): the model's attention kernel runs as without a capture and the weights are "
+                             "recomputed beside it; replace: the capture's blocks of weights give the attention output and the "
+                             "kernel's own pass is skipped (faster; outputs equal to rounding, see huggingface.capture)")
 
 
 def _layer_list(text: str) -> list[int] | str:
@@ -210,7 +214,7 @@ def run_export_hf(args) -> int:
     keep = keep_from_args(args)
     model, tokenizer = load_model(args.model_dir)
     path = export_texts(model, tokenizer, texts, out, targets=targets, batch_size=args.batch_size, max_length=args.max_length,
-                        keep=keep, capture_options={"eager": True} if args.eager else None,
+                        keep=keep, capture_options={"eager": bool(args.eager), "kernel": args.kernel},
                         progress=False if args.quiet else None, model_name=Path(args.model_dir).name, overwrite=args.overwrite)
     if args.quiet:
         return _conformance(path)

@@ -26,11 +26,13 @@ import torch
 
 from attnformat.adapters.arrays import to_numpy
 from attnformat.adapters.errors import CaptureStateError, UnsupportedModelError
+from attnformat.errors import AttnFormatError
 from attnformat.adapters.keep import Keep, keeps_by_site
 from attnformat.adapters.kernel import CallWriter, KernelTap, WeightsCall
 from attnformat.adapters.recorder import Recorder
 from attnformat.adapters.sessions import HookSession
 from attnformat.adapters.tokens import patch_tokens, token_description
+from attnformat.adapters.module_sessions import write_behind_helps
 
 _KINDS = ("attentions", "cross_attentions")
 _SUPPORTED = ("Hugging Face transformers models that return attentions with output_attentions=True (their classes declare "
@@ -98,6 +100,7 @@ def capture(
     description: str | None = None,
     overwrite: bool = False,
     dtype: str | None = None,
+    kernel: str = "keep",
 ) -> HuggingFaceCapture:
     """Write the attention of every forward call inside a ``with`` block, one layer at a time.
 
@@ -124,6 +127,25 @@ def capture(
     (``call_handler``, see :class:`HuggingFaceCapture`). ``dtype`` is the storage dtype
     (default: the keep's, float32).
 
+    Parameters
+    ----------
+    kernel
+        ``"keep"`` (default): the model's attention kernel computes every attention output, as
+        without a capture, and the tap recomputes the weights beside it. ``"replace"``: for
+        the calls the capture reduces, the tap returns the attention output ``softmax(QK^T)
+        V`` computed from the same blocks of weights it reduces (same scaling, masks,
+        softcapping, sliding window, grouped heads, position bias) and the model's kernel does
+        not run, which saves the kernel's own pass over the scores: use it when capture time
+        matters (long sequences on a CPU, where the kernel costs about as much as the
+        reduction). The output is computed in float32 and cast to the model's dtype, so it
+        equals the kernel's to rounding (about 1e-6 relative in float32), not bit for bit:
+        use the default when the outputs must be exactly the uncaptured model's. Calls run the
+        model's kernel as usual where the tap cannot stand in for it: implementations other
+        than SDPA (eager, flash, flex), dropout (training mode), gradients (outside
+        ``torch.no_grad``), a ``head_mask``, ``output_attentions``, keyword arguments the tap
+        does not know, and layers the ``keep`` writes nothing of (the tap's ``fallbacks``
+        counts them by reason). Ignored with ``eager=True``.
+
     Examples
     --------
     >>> import torch, tempfile, pathlib, attnformat
@@ -139,7 +161,13 @@ def capture(
     (1, 2)
     >>> model.config._attn_implementation
     'sdpa'
+    >>> with huggingface.capture(model, out, keep=Keep(dense=False, statistics=["entropy"]), kernel="replace", overwrite=True), torch.no_grad():
+    ...     replaced = model(torch.tensor([[1, 5, 7, 2]])).last_hidden_state
+    >>> torch.allclose(replaced, model(torch.tensor([[1, 5, 7, 2]])).last_hidden_state, atol=1e-5)
+    True
     """
+    if kernel not in ("keep", "replace"):
+        raise AttnFormatError(f"capture: kernel must be 'keep' or 'replace', not {kernel!r}")
     modules = find_attention_modules(model)
     if not modules:
         raise UnsupportedModelError(
@@ -152,10 +180,10 @@ def capture(
     options = {
         "model_name": model_name or getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or type(model).__name__,
         "model_framework": f"transformers {_transformers_version()}", "model_adapter": "attnformat.adapters.huggingface",
-        "description": description, "overwrite": overwrite, "dtype": dtype, "background": True,
+        "description": description, "overwrite": overwrite, "dtype": dtype, "background": write_behind_helps(model),
     }
     return HuggingFaceCapture(model, modules, destination, tokens=tokens, site_names=site_names, recorder_options=options,
-                              keep=keep, eager=eager, block_bytes=block_bytes, tokenizer=tokenizer)
+                              keep=keep, eager=eager, block_bytes=block_bytes, tokenizer=tokenizer, kernel=kernel)
 
 
 class HuggingFaceCapture(HookSession):
@@ -180,7 +208,7 @@ class HuggingFaceCapture(HookSession):
     """
 
     def __init__(self, model, modules, destination, *, tokens, site_names, recorder_options, keep=None, eager=False,
-                 block_bytes=None, tokenizer=None):
+                 block_bytes=None, tokenizer=None, kernel: str = "keep"):
         super().__init__(destination, recorder_options=recorder_options)
         self.model = model
         self.kinds = dict(modules)
@@ -209,6 +237,9 @@ class HuggingFaceCapture(HookSession):
         self.tokens = {site.strip("/"): dict(kw) for site, kw in (tokens or {}).items()}
         self.keeps = keeps_by_site(keep, sorted(counters))
         self.eager = bool(eager)
+        self.kernel = kernel
+        #: The kernel tap while the capture is active (None with ``eager=True``).
+        self.tap: KernelTap | None = None
         self.block_bytes = block_bytes
         self.tokenizer = tokenizer
         self.call_handler = None
@@ -228,8 +259,10 @@ class HuggingFaceCapture(HookSession):
         try:
             if not self.eager:
                 cross = {path for path, (kind, _) in self.kinds.items() if kind == "cross_attentions"}
-                tap = KernelTap(self.model, self.sites, self.handle_call, cross=cross, block_bytes=self.block_bytes)
+                tap = KernelTap(self.model, self.sites, self.handle_call, cross=cross, block_bytes=self.block_bytes,
+                                replace=self.kernel == "replace")
                 tap.__enter__()
+                self.tap = tap
                 handles.append(_Removable(lambda: tap.__exit__(None, None, None)))
             else:
                 config = getattr(self.model, "config", None)
@@ -252,6 +285,8 @@ class HuggingFaceCapture(HookSession):
 
     def _restore(self) -> None:
         super()._restore()
+        if self.writer is not None:
+            self.writer.release()
         if self._implementation is not None:
             self.model.set_attn_implementation(self._implementation)
             self._implementation = None

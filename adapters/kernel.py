@@ -100,6 +100,12 @@ class AttentionCall:
         self._key_valid = None
         self._key_t = None
         self.workspace = None
+        #: Set by a :class:`KernelTap` with ``replace=True`` when the tap may return the attention
+        #: output instead of running the model's kernel: the call's value states (batch, key
+        #: heads, keys, value dim), as the kernel received them.
+        self.value = None
+        self._value_grouped = None
+        self._output = None
 
     @classmethod
     def from_tensors(cls, query, key, *, attn_mask=None, is_causal: bool = False, scale: float | None = None, softcap=None,
@@ -297,6 +303,67 @@ class AttentionCall:
             self._key_t = key.reshape(self.batch * self.key_heads, self.key_count, key.shape[-1]).transpose(1, 2).contiguous()
         return self._key_t
 
+    # -- output (kernel="replace") ----------------------------------------------------------------
+    @property
+    def wants_output(self) -> bool:
+        """True when the tap asks for the attention output (it then skips the model's kernel if
+        :meth:`add_output` covered every row)."""
+        return self.value is not None
+
+    def add_output(self, rows: slice, first_key: int, weights: torch.Tensor, total: torch.Tensor | None = None) -> None:
+        """Add the attention output of ``rows`` from a block's weights over keys ``[first_key, first_key + width)``.
+
+        ``weights`` (batch, heads, rows, width), contiguous; with ``total`` (batch, heads, rows)
+        they are unnormalized (``exp(logit - max)``) and the output is divided by it (fewer
+        operations than normalizing the block). Keys outside the block weigh 0. Heads sharing a
+        key head (grouped-query attention) are multiplied by its values without repeating them.
+
+        Examples
+        --------
+        >>> import torch
+        >>> q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+        >>> call = AttentionCall.from_tensors(q, k, is_causal=True)
+        >>> call.value = v
+        >>> call.add_output(slice(0, 3), 0, call.weights(slice(0, 3)))
+        >>> expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        >>> torch.allclose(call.output(), expected, atol=1e-6)
+        True
+        """
+        rows = slice(*rows.indices(self.query_count))
+        count, width = rows.stop - rows.start, weights.shape[-1]
+        group = self.heads // self.key_heads
+        values = self._values_grouped()
+        if self._output is None:
+            self._output = torch.empty(self.batch, self.query_count, self.heads, values.shape[-1], dtype=torch.float32,
+                                       device=values.device)
+            self._output_rows = 0
+        block = torch.bmm(weights.reshape(self.batch * self.key_heads, group * count, width), values[:, first_key:first_key + width])
+        if total is not None:
+            block.div_(total.reshape(self.batch * self.key_heads, group * count, 1))
+        self._output[:, rows] = block.view(self.batch, self.heads, count, -1).transpose(1, 2)
+        self._output_rows += count
+
+    def output(self) -> torch.Tensor | None:
+        """The attention output (batch, queries, heads, value dim) in the value's dtype, as
+        ``transformers``' attention functions return it, once :meth:`add_output` covered every
+        row; else None.
+
+        Examples
+        --------
+        >>> AttentionCall.from_tensors(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)).output() is None
+        True
+        """
+        if self._output is None or self._output_rows != self.query_count:
+            return None
+        return self._output.to(self.value.dtype)
+
+    def _values_grouped(self) -> torch.Tensor:
+        """The values as (batch x key heads, keys, value dim), float32 and contiguous, made once per call."""
+        if self._value_grouped is None:
+            value = self.value.float()
+            self._value_grouped = value.reshape(self.batch * self.key_heads, self.key_count, value.shape[-1]).contiguous()
+        return self._value_grouped
+
     def key_valid(self) -> torch.Tensor:
         """Keys visible to at least one query row, per sample: bool (batch, keys) (padding keys are False).
 
@@ -361,6 +428,14 @@ class KernelTap:
         Module paths whose calls are cross-attention (their queries and keys are on different axes).
     block_bytes
         Memory budget of one block of recomputed weights (default :data:`DEFAULT_BLOCK_BYTES`).
+    replace
+        Let the handler compute the attention output and return it instead of running the
+        model's kernel (SDPA calls only). The call then carries ``value`` (``wants_output``);
+        a handler that covered every row with :meth:`AttentionCall.add_output` replaces the
+        kernel, otherwise the kernel runs after the handler. Calls where the tap cannot stand
+        in for the kernel run it as usual and are counted in :attr:`fallbacks` by reason:
+        dropout active (training), gradients wanted, a ``head_mask``, ``output_attentions``,
+        keyword arguments the tap does not know, eager/flash/flex implementations.
 
     The tap installs wrappers on enter and removes them on exit (also after an error). A module
     that ran without passing through the attention interface raises
@@ -381,8 +456,11 @@ class KernelTap:
     """
 
     def __init__(self, model, modules: Mapping[str, tuple[str, int]], handler: Callable[[AttentionCall], None], *,
-                 cross: set | frozenset = frozenset(), block_bytes: int | None = None):
+                 cross: set | frozenset = frozenset(), block_bytes: int | None = None, replace: bool = False):
         self.model = model
+        self.replace = bool(replace)
+        #: ``{reason: count}`` of the calls that ran the model's kernel although ``replace`` was asked.
+        self.fallbacks: dict[str, int] = {}
         self.modules = dict(modules)
         self.handler = handler
         self.cross = set(cross)
@@ -451,7 +529,7 @@ class KernelTap:
         local = interface._local_mapping
         had_local, previous = implementation in local, local.get(implementation)
         original = interface[implementation]
-        local[implementation] = self._wrapper(original)
+        local[implementation] = self._wrapper(original, implementation)
 
         def undo():
             if had_local:
@@ -463,23 +541,71 @@ class KernelTap:
 
     def _wrap_eager(self, home) -> None:
         original = home.eager_attention_forward
-        home.eager_attention_forward = self._wrapper(original)
+        home.eager_attention_forward = self._wrapper(original, "eager")
         self._undo.append(lambda: setattr(home, "eager_attention_forward", original))
 
-    def _wrapper(self, original):
+    def _wrapper(self, original, implementation: str = "sdpa"):
         tap = self
 
         def tapped_attention(module, query, key, value, attention_mask, *args, **kwargs):
-            output = original(module, query, key, value, attention_mask, *args, **kwargs)
             path = tap._by_id.get(id(module))
-            if path is not None:
-                tap._observe(path, module, query, key, attention_mask, args, kwargs)
+            if path is None:
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+            if tap.replace:
+                reason = tap._cannot_replace(implementation, module, query, key, value, attention_mask, args, kwargs)
+                if reason is None:
+                    call = tap._observe(path, module, query, key, attention_mask, args, kwargs, value=value)
+                    output = call.output()
+                    if output is not None:
+                        return output, None
+                    reason = "the handler did not compute the output"
+                    output = original(module, query, key, value, attention_mask, *args, **kwargs)
+                    tap.fallbacks[reason] = tap.fallbacks.get(reason, 0) + 1
+                    return output
+                tap.fallbacks[reason] = tap.fallbacks.get(reason, 0) + 1
+            output = original(module, query, key, value, attention_mask, *args, **kwargs)
+            tap._observe(path, module, query, key, attention_mask, args, kwargs)
             return output
 
         tapped_attention.__wrapped__ = original
         return tapped_attention
 
-    def _observe(self, path, module, query, key, mask, args, kwargs) -> None:
+    #: Keyword arguments of an attention call that the recomputation either applies (scaling,
+    #: masks, windows, biases) or that SDPA's attention function ignores (caching, positions,
+    #: output flags passed down from the model's forward). Other keywords block the replacement
+    #: when they carry data (a tensor: attention sinks, packed-sequence offsets...); plain flags
+    #: and numbers, which the SDPA function ignores, do not.
+    _REPLACEABLE_KWARGS = frozenset({"dropout", "scaling", "is_causal", "sliding_window", "softcap", "position_bias", "position_ids",
+                                     "use_cache", "cache_position", "output_attentions", "head_mask", "encoder_hidden_states",
+                                     "past_key_values", "past_key_value", "layer_past", "encoder_attention_mask"})
+
+    def _cannot_replace(self, implementation, module, query, key, value, mask, args, kwargs) -> str | None:
+        """Why this call must run the model's kernel with ``replace`` (None: the tap may stand in)."""
+        if implementation != "sdpa":
+            return f"{implementation} attention"
+        if len(args) > 2:
+            return "positional arguments"
+        named = {**dict(zip(("dropout", "scaling"), args)), **kwargs}
+        unknown = {name for name, value in named.items() if name not in self._REPLACEABLE_KWARGS
+                   and not (value is None or isinstance(value, (bool, int, float, str)))}
+        if unknown:
+            return f"unknown keyword arguments {sorted(unknown)}"
+        if getattr(module, "training", False) or float(named.get("dropout") or 0.0) != 0.0:
+            return "dropout"
+        if named.get("head_mask") is not None:
+            return "head_mask"
+        if named.get("output_attentions"):
+            return "output_attentions"
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            return "gradients"
+        if mask is None and query.shape[2] > 1 and named.get("is_causal") is None and not hasattr(module, "is_causal"):
+            return "is_causal unknown"  # SDPA's default (causal) and eager's (not) differ
+        if (query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or tuple(value.shape[:3]) != tuple(key.shape[:3])
+                or query.shape[0] != key.shape[0] or query.shape[1] % max(int(key.shape[1]), 1)):
+            return "shapes"
+        return None
+
+    def _observe(self, path, module, query, key, mask, args, kwargs, value=None) -> AttentionCall:
         if args:  # positional dropout/scaling as in the eager functions' signatures
             kwargs = {**dict(zip(("dropout", "scaling"), args)), **kwargs}
         site, layer = self.modules[path]
@@ -492,7 +618,10 @@ class KernelTap:
                                  None if mask is None else mask.detach(), kwargs, attention_type=attention_type,
                                  block_bytes=self.block_bytes)
             call.workspace = self.workspace
+            if value is not None:
+                call.value = value.detach()
             self.handler(call)
+        return call
 
     # -- checks --------------------------------------------------------------------------------
     def _entering(self, path):
@@ -647,6 +776,7 @@ class CallWriter:
         self.layer_counts = dict(layer_counts or {})
         self.block_bytes = block_bytes
         self._described: set[str] = set()
+        self._dense_buffer = None
 
     def keep_of(self, site: str):
         """The Keep of ``site`` (dense everything when not given).
@@ -672,7 +802,10 @@ class CallWriter:
         dense = keep.keeps_layer(call.layer)
         if not dense and not keep.needs_rows:
             return
-        result = reduce_call(call, keep, dense=dense, budget_bytes=self.block_bytes)
+        # The dense weights go into one buffer reused from layer to layer: the recorder has copied
+        # (write-behind) or stored them when log() returns, and a fresh layer-sized array would
+        # cost a page fault per 4 KiB.
+        result = reduce_call(call, keep, dense=dense, budget_bytes=self.block_bytes, dense_out=self._dense_out)
         names = derived_site_names(call.site)
         attention_attrs = {"attention_type": call.attention_type, "causal": int(call.causal), "describes": call.site}
         base = dict(self.describe(call.site) or {})
@@ -705,6 +838,24 @@ class CallWriter:
             self._describe(names["head_mean"], {**_token_keys(base), "layers": layers,
                                                 "attrs": {**base_attrs, "head_reduction": "mean"}})
             self.recorder.log(names["head_mean"], layer=call.layer, weights=result["head_mean"], dims=("sample", "query", "key"))
+
+    def release(self) -> None:
+        """Drop the reused dense buffer (the writer keeps working; a later dense layer allocates a new one).
+
+        Examples
+        --------
+        >>> CallWriter(None, {}).release()
+        """
+        self._dense_buffer = None
+
+    def _dense_out(self, shape):
+        import numpy as np
+
+        count = int(np.prod(shape))
+        if self._dense_buffer is None or self._dense_buffer.size < count:
+            self._dense_buffer = None  # release the smaller one first
+            self._dense_buffer = np.empty(count, np.float32)
+        return self._dense_buffer[:count].reshape(shape)
 
     def _describe(self, site: str, description: dict) -> None:
         if site in self._described:

@@ -185,6 +185,7 @@ def export_image(
     texts: str | Sequence[str] | None = None,
     keep=None,
     eager: bool = False,
+    kernel: str = "keep",
     model_name: str | None = None,
     description: str | None = None,
     overwrite: bool = False,
@@ -205,10 +206,10 @@ def export_image(
     texts
         CLIP only: texts for the text tower (site ``text/self``, causal, labelled tokens).
         Without texts only the vision tower runs.
-    keep, eager
-        What to store (:class:`~attnformat.adapters.keep.Keep`) and whether to switch the model
-        to eager attention instead of tapping its kernel, as in
-        :func:`attnformat.adapters.huggingface.capture`.
+    keep, eager, kernel
+        What to store (:class:`~attnformat.adapters.keep.Keep`), whether to switch the model
+        to eager attention instead of tapping its kernel, and whether the tap keeps the model's
+        kernel or replaces it, as in :func:`attnformat.adapters.huggingface.capture`.
     model_name, description, overwrite
         Passed to the file.
 
@@ -268,7 +269,7 @@ def export_image(
                                "positions": np.arange(encoded["input_ids"].shape[1])}
     shown = _shown_image(image_processor, pixel_values)
     what = f"{len(pictures)} image(s)" + (f" and {len(texts)} text(s)" if texts is not None else "")
-    session = huggingface.capture(model, destination, tokens=tokens, keep=keep, eager=eager, model_name=model_name, overwrite=overwrite,
+    session = huggingface.capture(model, destination, tokens=tokens, keep=keep, eager=eager, kernel=kernel, model_name=model_name, overwrite=overwrite,
                                   description=description or f"Attention of {type(model).__name__} on {what}.")
     sites = {site for site, _ in session.sites.values()}
     if vision_site not in sites:
@@ -294,6 +295,7 @@ def export_audio(
     max_new_tokens: int = 20,
     keep=None,
     eager: bool = False,
+    kernel: str = "keep",
     model_name: str | None = None,
     description: str | None = None,
     overwrite: bool = False,
@@ -319,7 +321,7 @@ def export_audio(
         the model transcribes greedily (at most ``max_new_tokens`` tokens after the prefix)
         and the attention is that of one forward pass over what it wrote, which equals the
         attention during generation.
-    keep, eager, model_name, description, overwrite
+    keep, eager, kernel, model_name, description, overwrite
         As in :func:`export_image`.
 
     Returns
@@ -380,7 +382,7 @@ def export_audio(
         "decoder/self": {**decoder_tokens, "positions": np.arange(decoder_ids.shape[1])},
         "decoder/cross": {**query_side, "key_labels": frame_labels},
     }
-    session = huggingface.capture(model, destination, tokens=tokens, keep=keep, eager=eager, model_name=model_name, overwrite=overwrite,
+    session = huggingface.capture(model, destination, tokens=tokens, keep=keep, eager=eager, kernel=kernel, model_name=model_name, overwrite=overwrite,
                                   description=description or f"Attention of {type(model).__name__} on {len(signals)} audio input(s).")
     with session, torch.no_grad():
         model(input_features=features, decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask.long())
@@ -553,7 +555,7 @@ def run_export_image(args) -> int:
     out = cli._output_path(args)
     model, processor = load_media_model(args.model_dir)
     path = export_image(model, processor, list(args.images), out, texts=args.text, keep=cli.keep_from_args(args),
-                        eager=args.eager, model_name=Path(args.model_dir).name, overwrite=args.overwrite)
+                        eager=args.eager, kernel=args.kernel, model_name=Path(args.model_dir).name, overwrite=args.overwrite)
     return cli._summarize(path)  # exactly as ``export hf`` prints it
 
 
@@ -564,7 +566,7 @@ def run_export_audio(args) -> int:
     out = cli._output_path(args)
     model, processor = load_media_model(args.model_dir)
     path = export_audio(model, processor, list(args.wavs), out, transcripts=args.transcript, max_new_tokens=args.max_new_tokens,
-                        keep=cli.keep_from_args(args), eager=args.eager, model_name=Path(args.model_dir).name,
+                        keep=cli.keep_from_args(args), eager=args.eager, kernel=args.kernel, model_name=Path(args.model_dir).name,
                         overwrite=args.overwrite)
     return cli._summarize(path)
 

@@ -7,6 +7,8 @@ write the same provenance into the file.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable, Mapping
 
 import torch
@@ -30,19 +32,53 @@ def recorder_keywords(model, adapter: str, *, model_name: str | None, descriptio
     Returns
     -------
     dict
-        Keywords of :class:`~attnformat.adapters.Recorder`; the file is written in the background.
+        Keywords of :class:`~attnformat.adapters.Recorder`; the file is written in the background
+        where a core is spare (:func:`write_behind_helps`).
 
     Examples
     --------
     >>> from torch import nn
     >>> options = recorder_keywords(nn.Linear(2, 2), "attnformat.adapters.sdpa", model_name=None, description=None,
     ...                             overwrite=False, dtype="float32")
-    >>> options["model_name"], options["model_adapter"], options["background"]
+    >>> options["model_name"], options["model_adapter"], options["background"] == write_behind_helps(nn.Linear(2, 2))
     ('Linear', 'attnformat.adapters.sdpa', True)
     """
     return {"model_name": model_name or type(model).__name__, "model_framework": f"torch {torch.__version__}",
             "model_adapter": adapter, "description": description, "overwrite": overwrite, "dtype": dtype,
-            "background": True}
+            "background": write_behind_helps(model)}
+
+
+def write_behind_helps(model) -> bool:
+    """Whether a capture of ``model`` should compress and store each layer while the model computes the next.
+
+    Writing behind overlaps the file's work with the model's only when a core is idle meanwhile:
+    a model on an accelerator leaves the CPU to the writer; on the CPU, torch's threads already
+    use every core they are given, and a writer thread beside them costs more than it hides
+    (measured at 4096 tokens on 2 cores with torch on both: dense capture of 2 layers 1.89x the
+    plain forward writing behind, 1.40x writing in line). So: behind when the model's parameters
+    are not on the CPU, or when this process may run on more cores than torch's intra-op threads.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model captured.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import os, torch
+    >>> from torch import nn
+    >>> write_behind_helps(nn.Linear(2, 2)) == (len(os.sched_getaffinity(0)) > torch.get_num_threads())
+    True
+    """
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if parameter is not None and parameter.device.type != "cpu":
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 class ModuleHookSession(HookSession):

@@ -3,13 +3,19 @@
 A :class:`RowReducer` takes the logits of one attention call block by block (as
 :meth:`attnformat.adapters.kernel.AttentionCall.block_logits` gives them: masked cells at
 float32's minimum, keys outside the block's range known to weigh 0) and keeps only what a
-:class:`~attnformat.adapters.keep.Keep` asks for. Each block is reduced with one ``exp`` pass:
+:class:`~attnformat.adapters.keep.Keep` asks for. Each block goes through one softmax (torch's:
+its exponential stays fast on masked cells and on logits far below the row's maximum, where
+``torch.exp`` takes a slow path about ten times slower):
 
 - top-k on the logits (the same keys as on the weights, since softmax is monotonic), their
-  weights ``exp(logit - max) / sum``, and the omitted mass ``1 - sum(kept)``;
-- entropy ``log(sum) - sum(e * z) / sum`` with ``z = logit - max`` and ``e = exp(z)``
-  (no second log pass over the weights); max weight ``1 / sum``; sink weight (the sample's
-  first valid key); local weight (keys within the window of the query's position); top key.
+  weights gathered from the block, and the omitted mass ``1 - sum(kept)``;
+- max weight (the weight at the row's maximum logit, ``1 / sum(exp(logit - max))``), entropy
+  ``-log(max weight) - sum(w * z)`` with ``z = logit - max`` (no log pass over the weights),
+  sink weight (the sample's first valid key), local weight (keys within the window of the
+  query's position), top key (from the top-k, or one ``max`` pass giving the maximum and where
+  it is);
+- with a tap that replaces the model's kernel, the attention output ``weights @ values`` of
+  the same block.
 
 The numpy reference of the same quantities is :mod:`attnformat.reductions`; the tests check
 both against the framework's eager weights.
@@ -76,6 +82,11 @@ class RowReducer:
         Each sample's first valid key (int64, ``(batch,)``), for ``sink_weight``.
     local
         Compute ``local_weight`` (self-attention only).
+    dense_out
+        ``dense_out(shape)`` gives a C-contiguous float32 array of the dense weights' shape to fill
+        instead of a fresh zeroed one (a buffer reused from call to call: a fresh layer-sized
+        array costs a page fault per 4 KiB when first written). Every cell is written (keys
+        outside a block are zeroed).
 
     Examples
     --------
@@ -89,7 +100,7 @@ class RowReducer:
     """
 
     def __init__(self, batch: int, heads: int, query_count: int, key_count: int, keep: Keep, *, dense: bool,
-                 query_positions=None, first_keys=None, local: bool = True):
+                 query_positions=None, first_keys=None, local: bool = True, dense_out=None):
         self.keep = keep
         self.batch, self.heads, self.query_count, self.key_count = batch, heads, query_count, key_count
         self.out: dict[str, np.ndarray] = {}
@@ -98,7 +109,11 @@ class RowReducer:
         if dense:
             head_count = heads if self.dense_heads is None else len(self.dense_heads)
             row_count = query_count if self.dense_rows is None else len(self.dense_rows)
-            self.out["weights"] = np.zeros((batch, head_count, row_count, key_count), np.float32)
+            shape = (batch, head_count, row_count, key_count)
+            buffer = None if dense_out is None else dense_out(shape)
+            if buffer is not None and (buffer.shape != shape or buffer.dtype != np.float32 or not buffer.flags.c_contiguous):
+                raise ValueError(f"dense_out must give a C-contiguous float32 array of shape {shape}, not {buffer.dtype} {buffer.shape}")
+            self.out["weights"] = np.zeros(shape, np.float32) if buffer is None else buffer
             if self.dense_rows is not None:
                 self._dense_position = {int(row): i for i, row in enumerate(self.dense_rows)}
         self.top_k = keep.top_k
@@ -116,12 +131,15 @@ class RowReducer:
                                 else torch.as_tensor(query_positions, dtype=torch.int64))
         self.first_keys = torch.zeros(batch, dtype=torch.int64) if first_keys is None else torch.as_tensor(first_keys, dtype=torch.int64)
         self.window = keep.window
+        self._reused = dense and dense_out is not None
 
-    def add(self, rows: slice, logits: torch.Tensor, first_key: int, workspace: Workspace | None = None) -> None:
+    def add(self, rows: slice, logits: torch.Tensor, first_key: int, workspace: Workspace | None = None, output=None) -> None:
         """Reduce one block: ``logits`` (batch, heads, rows, keys) of keys ``[first_key, first_key + keys)``.
 
         The block is consumed (modified in place). A ``workspace`` holds the block-sized
-        temporaries between blocks.
+        temporaries between blocks. ``output``, when given, is called as ``output(rows,
+        first_key, weights)`` with the block's weights (contiguous; what
+        :meth:`~attnformat.adapters.kernel.AttentionCall.add_output` takes).
 
         Examples
         --------
@@ -134,60 +152,80 @@ class RowReducer:
         rows = slice(*rows.indices(self.query_count))
         width = logits.shape[-1]
         keys = slice(first_key, first_key + width)
-        if not self.top_k and not self.statistics:  # dense maps or head means only: one fused softmax
-            self._store_probabilities(rows, keys, torch.softmax(logits, dim=-1))
-            return
-        maximum = logits.amax(-1, keepdim=True)
-        z = logits.sub_(maximum)  # in place: the block's logits are ours
-        top_values = top_index = None
-        if self.top_k or "top_key" in self.statistics:
-            top_values, top_index = torch.topk(z, min(self.top_k or 1, width), dim=-1)
-        e = torch.exp(z, out=workspace.take("exp", z.shape)) if workspace is not None else torch.exp(z)
-        total = e.sum(-1)
-        entropy = None
+        top_values = top_index = maximum = None
+        if self.top_k:
+            # Top-k on the logits (softmax is monotonic); the largest is the row maximum.
+            top_values, top_index = torch.topk(logits, min(self.top_k, width), dim=-1)
+            maximum = top_values[..., :1]
+        elif "top_key" in self.statistics:
+            maximum, top_index = logits.max(-1, keepdim=True)  # the row maximum and where it is, in one pass
+        # torch's softmax, not exp(logit - max) / sum: its exp stays fast on masked cells (float32's
+        # minimum) and on far-below-maximum logits, where torch.exp takes a slow path (~10x).
+        weights = _softmax(logits, workspace)
+        if output is not None:
+            output(rows, first_key, weights)
+        if self.statistics or self.top_k:
+            self._reduce_rows(rows, keys, logits, weights, top_values, top_index, maximum, first_key)
+        if "weights" in self.out or "head_mean" in self.out:
+            self._store_probabilities(rows, keys, weights)
+
+    def _reduce_rows(self, rows, keys, logits, weights, top_values, top_index, maximum, first_key) -> None:
+        """Top-k and statistics of one block from its logits (consumed) and weights."""
+        max_weight = None
+        if self.statistics:
+            # The largest weight is 1 / sum(exp(logit - max)): where the maximum is, when known.
+            max_weight = (weights.gather(-1, top_index[..., :1]) if top_index is not None else weights.amax(-1, keepdim=True))[..., 0]
         if "entropy" in self.statistics:
-            # entropy = log(sum e) - sum(e * z) / sum e, with z = logit - max: one exp pass, no log of
-            # the weights. z is float32's minimum (not -inf) on masked keys, so e * z is 0 there.
-            entropy = torch.log(total) - z.mul_(e).sum(-1) / total
-        del z
-        self._store_statistics(rows, keys, e, total, top_index, first_key, entropy)
+            # entropy = log(sum e) - sum(w * z), with z = logit - max and sum e = 1 / max weight: no
+            # log of the weights. z is float32's minimum (not -inf) on masked keys, so w * z is 0 there.
+            if maximum is None:
+                maximum = logits.amax(-1, keepdim=True)
+            z = logits.sub_(maximum)
+            entropy = -torch.log(max_weight) - z.mul_(weights).sum(-1)
+            self.out["entropy"][:, :, rows] = entropy.numpy()
+        self._store_statistics(rows, keys, weights, max_weight, top_index, first_key)
         if self.top_k:
             available = top_values > _MASKED_BELOW
             # A row with no visible key is spread uniformly by the model (every logit equal): all keys count.
             available |= (maximum <= _MASKED_BELOW)
-            weights = torch.exp(top_values) / total[..., None]
-            weights = torch.where(available, weights, torch.nan)
-            kept = torch.where(available, weights, 0).sum(-1)
+            kept_weights = torch.where(available, weights.gather(-1, top_index), torch.nan)
+            kept = torch.where(available, kept_weights, 0).sum(-1)
             index = torch.where(available, top_index + first_key, -1)
-            count = weights.shape[-1]
-            self.out["topk_weights"][:, :, rows, :count] = weights.numpy()
+            count = kept_weights.shape[-1]
+            self.out["topk_weights"][:, :, rows, :count] = kept_weights.numpy()
             self.out["key_index"][:, :, rows, :count] = index.numpy()
             self.out["omitted_weight"][:, :, rows] = (1 - kept).clamp_(min=0).numpy()
-        if "weights" in self.out or "head_mean" in self.out:
-            self._store_probabilities(rows, keys, e.div_(total[..., None]))
 
-    def _store_probabilities(self, rows, keys, probabilities) -> None:
+    def _store_probabilities(self, rows, keys, weights) -> None:
+        """Store a block's weights as dense weights and/or head means."""
         if "weights" in self.out:
-            self._store_dense(rows, keys, probabilities)
+            self._store_dense(rows, keys, weights)
         if "head_mean" in self.out:
-            self.out["head_mean"][:, rows, keys] = probabilities.mean(1).numpy()
+            self.out["head_mean"][:, rows, keys] = weights.mean(1).numpy()
 
-    def _store_statistics(self, rows, keys, e, total, top_index, first_key, entropy) -> None:
+    def _zero_outside(self, target, keys: slice) -> None:
+        """Zero the keys of ``target`` (rows of a reused output buffer) outside the block's ``keys``."""
+        if not self._reused:
+            return
+        if keys.start > 0:
+            target[..., :keys.start] = 0
+        if keys.stop < target.shape[-1]:
+            target[..., keys.stop:] = 0
+
+    def _store_statistics(self, rows, keys, weights, max_weight, top_index, first_key) -> None:
         names = self.statistics
         if not names:
             return
-        if "entropy" in names:
-            self.out["entropy"][:, :, rows] = entropy.numpy()
         if "max_weight" in names:
-            self.out["max_weight"][:, :, rows] = (1 / total).numpy()
+            self.out["max_weight"][:, :, rows] = max_weight.numpy()
         if "top_key" in names:
             self.out["top_key"][:, :, rows] = (top_index[..., 0] + first_key).numpy()
         if "sink_weight" in names:
             sink = torch.zeros(self.batch, self.heads, rows.stop - rows.start)
             for sample in range(self.batch):
                 key = int(self.first_keys[sample]) - keys.start
-                if 0 <= key < e.shape[-1]:
-                    sink[sample] = e[sample if e.shape[0] > 1 else 0, :, :, key] / total[sample if total.shape[0] > 1 else 0]
+                if 0 <= key < weights.shape[-1]:
+                    sink[sample] = weights[sample if weights.shape[0] > 1 else 0, :, :, key]
             self.out["sink_weight"][:, :, rows] = sink.numpy()
         if "local_weight" in names:
             positions = self.query_positions[rows]
@@ -195,11 +233,11 @@ class RowReducer:
             high = min(int(positions.max()) + self.window + 1, keys.stop)
             if high > low:
                 key_positions = torch.arange(low, high)
-                band = ((key_positions[None, :] - positions[:, None]).abs() <= self.window).to(e.dtype)
-                near = e[..., low - keys.start:high - keys.start]
-                local = torch.einsum("bhrk,rk->bhr", near, band) / total
+                band = ((key_positions[None, :] - positions[:, None]).abs() <= self.window).to(weights.dtype)
+                near = weights[..., low - keys.start:high - keys.start]
+                local = torch.einsum("bhrk,rk->bhr", near, band)
             else:
-                local = torch.zeros_like(total)
+                local = torch.zeros(weights.shape[:-1])
             self.out["local_weight"][:, :, rows] = local.numpy()
 
     def _store_dense(self, rows, keys, probabilities) -> None:
@@ -207,12 +245,17 @@ class RowReducer:
             probabilities = probabilities.index_select(1, self.dense_heads)
         if self.dense_rows is None:
             self.out["weights"][:, :, rows, keys] = probabilities.numpy()
+            self._zero_outside(self.out["weights"][:, :, rows], keys)
             return
         wanted = [(i, self._dense_position[row]) for i, row in enumerate(range(rows.start, rows.stop)) if row in self._dense_position]
         if wanted:
             source = torch.as_tensor([i for i, _ in wanted])
             target = np.asarray([j for _, j in wanted])
             self.out["weights"][:, :, target, keys] = probabilities.index_select(2, source).numpy()
+            if self._reused:
+                # Rows of a reused buffer: keys outside the block weigh 0.
+                self.out["weights"][:, :, target, :keys.start] = 0
+                self.out["weights"][:, :, target, keys.stop:] = 0
 
     def result(self) -> dict[str, np.ndarray]:
         """What was kept, as numpy arrays: ``weights`` (dense, (batch, heads, rows, keys)), ``topk_weights``,
@@ -224,6 +267,14 @@ class RowReducer:
         ['key_index', 'omitted_weight', 'topk_weights']
         """
         return self.out
+
+
+def _softmax(logits: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """Softmax over the last axis into the workspace's ``weights`` buffer (contiguous; a fresh tensor without one)."""
+    if workspace is None:
+        return torch.softmax(logits, dim=-1)
+    # out= must be contiguous: torch 2.13 writes a strided softmax output wrongly.
+    return torch.ops.aten._softmax.out(logits, -1, False, out=workspace.take("weights", logits.shape))
 
 
 def _row_indices(rows, query_count: int):
@@ -239,8 +290,12 @@ def _row_indices(rows, query_count: int):
     return selected
 
 
-def reduce_call(call, keep: Keep, *, dense: bool, budget_bytes: int | None = None) -> dict[str, np.ndarray]:
+def reduce_call(call, keep: Keep, *, dense: bool, budget_bytes: int | None = None, dense_out=None) -> dict[str, np.ndarray]:
     """Reduce every row of an :class:`~attnformat.adapters.kernel.AttentionCall` block by block.
+
+    ``dense_out(shape)``: a reused buffer for the dense weights (see :class:`RowReducer`). When the
+    call wants its attention output (``call.wants_output``: a tap with ``replace=True``), the
+    output is computed from the same blocks.
 
     Examples
     --------
@@ -256,9 +311,10 @@ def reduce_call(call, keep: Keep, *, dense: bool, budget_bytes: int | None = Non
     """
     reducer = RowReducer(call.batch, call.heads, call.query_count, call.key_count, keep, dense=dense,
                          query_positions=call.query_positions, first_keys=call.first_keys() if "sink_weight" in keep.statistic_names else None,
-                         local=call.attention_type == "self")
+                         local=call.attention_type == "self", dense_out=dense_out)
     workspace = getattr(call, "workspace", None) or Workspace()
+    output = call.add_output if getattr(call, "wants_output", False) else None
     for rows in call.row_slices(budget_bytes):
         logits, first = call.block_logits(rows, workspace=workspace)
-        reducer.add(rows, logits, first, workspace)
+        reducer.add(rows, logits, first, workspace, output)
     return reducer.result()

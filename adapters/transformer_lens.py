@@ -31,6 +31,7 @@ from attnformat.adapters.keep import keeps_by_site
 from attnformat.adapters.kernel import CallWriter, WeightsCall
 from attnformat.adapters.recorder import Recorder
 from attnformat.adapters.sessions import HookSession
+from attnformat.adapters.module_sessions import write_behind_helps
 
 _PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
 
@@ -116,7 +117,7 @@ def capture(
     causal = getattr(cfg, "attention_dir", "causal") != "bidirectional"
     options = {"model_name": model_name or getattr(cfg, "model_name", None) or type(model).__name__,
                "model_framework": f"transformer_lens {_version()}", "model_adapter": "attnformat.adapters.transformer_lens",
-               "description": description, "overwrite": overwrite, "dtype": dtype, "background": True}
+               "description": description, "overwrite": overwrite, "dtype": dtype, "background": write_behind_helps(model)}
     site = (site_name or ("decoder/self" if causal else "encoder/self")).strip("/")
     return TransformerLensCapture(model, hooks, destination, site=site, causal=causal, tokens=tokens, keep=keep, recorder_options=options)
 

