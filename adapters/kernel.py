@@ -310,13 +310,12 @@ class AttentionCall:
         :meth:`add_output` covered every row)."""
         return self.value is not None
 
-    def add_output(self, rows: slice, first_key: int, weights: torch.Tensor, total: torch.Tensor | None = None) -> None:
+    def add_output(self, rows: slice, first_key: int, weights: torch.Tensor) -> None:
         """Add the attention output of ``rows`` from a block's weights over keys ``[first_key, first_key + width)``.
 
-        ``weights`` (batch, heads, rows, width), contiguous; with ``total`` (batch, heads, rows)
-        they are unnormalized (``exp(logit - max)``) and the output is divided by it (fewer
-        operations than normalizing the block). Keys outside the block weigh 0. Heads sharing a
-        key head (grouped-query attention) are multiplied by its values without repeating them.
+        ``weights`` (batch, heads, rows, width), contiguous. Keys outside the block weigh 0. Heads
+        sharing a key head (grouped-query attention) are multiplied by its values without
+        repeating them.
 
         Examples
         --------
@@ -338,8 +337,6 @@ class AttentionCall:
                                        device=values.device)
             self._output_rows = 0
         block = torch.bmm(weights.reshape(self.batch * self.key_heads, group * count, width), values[:, first_key:first_key + width])
-        if total is not None:
-            block.div_(total.reshape(self.batch * self.key_heads, group * count, 1))
         self._output[:, rows] = block.view(self.batch, self.heads, count, -1).transpose(1, 2)
         self._output_rows += count
 
