@@ -1184,8 +1184,11 @@ class Run:
 
 
 class _Child:
-    def __init__(self, label, pid, started, out_path, err_path, timeout):
+    def __init__(self, label, pid, started, out_path, err_path, timeout, inherited=0):
         self.label, self.pid, self.started, self.out_path, self.err_path, self.timeout = label, pid, started, out_path, err_path, timeout
+        #: Resident bytes the child inherited from this process at the fork: its peak counts them,
+        #: but they are the forking process's (a test worker's size depends on the tests it ran).
+        self.inherited = inherited
         self.waited = None  # (status, rusage) once reaped
 
 
@@ -1193,6 +1196,7 @@ def _fork(label: str, function: Callable[[], int], out_path: Path, err_path: Pat
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    inherited = _resident_bytes()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = UNCAUGHT_EXIT
@@ -1222,7 +1226,16 @@ def _fork(label: str, function: Callable[[], int], out_path: Path, err_path: Pat
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
-    return _Child(label, pid, time.monotonic(), out_path, err_path, timeout)
+    return _Child(label, pid, time.monotonic(), out_path, err_path, timeout, inherited)
+
+
+def _resident_bytes() -> int:
+    """This process's resident size now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _read_text(path: Path, limit: int = 1 << 20) -> str:
@@ -1255,7 +1268,7 @@ def _reap(child: _Child, *, block: bool) -> Run | None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, signal.SIGKILL)  # anything the child left running in its group
     code = os.waitstatus_to_exitcode(status)
-    return Run(child.label, None if timed_out else code, time.monotonic() - child.started, usage.ru_maxrss * 1024, timed_out,
+    return Run(child.label, None if timed_out else code, time.monotonic() - child.started, max(usage.ru_maxrss * 1024 - child.inherited, 0), timed_out,
                _read_text(child.out_path), _read_text(child.err_path))
 
 
