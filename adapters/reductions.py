@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnformat.adapters import fused
 from attnformat.adapters.keep import Keep
 
 _MASKED_BELOW = torch.finfo(torch.float32).min / 2
@@ -152,6 +153,15 @@ class RowReducer:
         rows = slice(*rows.indices(self.query_count))
         width = logits.shape[-1]
         keys = slice(first_key, first_key + width)
+        if (self.statistics or self.top_k) and fused.available() and logits.shape[0] == self.batch:
+            # One compiled pass per row for the top-k and every statistic (see attnformat.adapters.fused).
+            weights = _softmax(logits, workspace)
+            if output is not None:
+                output(rows, first_key, weights)
+            self._reduce_fused(rows, keys, logits, weights, first_key)
+            if "weights" in self.out or "head_mean" in self.out:
+                self._store_probabilities(rows, keys, weights)
+            return
         top_values = top_index = maximum = None
         if self.top_k:
             # Top-k on the logits (softmax is monotonic); the largest is the row maximum.
@@ -195,6 +205,28 @@ class RowReducer:
             self.out["topk_weights"][:, :, rows, :count] = kept_weights.numpy()
             self.out["key_index"][:, :, rows, :count] = index.numpy()
             self.out["omitted_weight"][:, :, rows] = (1 - kept).clamp_(min=0).numpy()
+
+    def _reduce_fused(self, rows, keys, logits, weights, first_key) -> None:
+        """Top-k and statistics of one block with the compiled kernel (the same values as :meth:`_reduce_rows`)."""
+        batch, heads, count, width = logits.shape
+        names = self.statistics
+        sink_column = local_low = local_high = None
+        if "sink_weight" in names:
+            sink_column = np.repeat((self.first_keys.numpy() - keys.start), heads * count)
+        if "local_weight" in names:
+            positions = self.query_positions[rows].numpy() - keys.start
+            local_low = np.tile(positions - self.window, batch * heads)
+            local_high = np.tile(positions + self.window + 1, batch * heads)
+        out = fused.reduce_block(logits.contiguous().view(-1, width).numpy(), weights.contiguous().view(-1, width).numpy(),
+                                 self.top_k or 1, first_key=first_key, sink_column=sink_column, local_low=local_low,
+                                 local_high=local_high, entropy="entropy" in names, threads=torch.get_num_threads())
+        shape = (batch, heads, count)
+        for name in names:
+            self.out[name][:, :, rows] = out[name].reshape(shape)
+        if self.top_k:
+            self.out["topk_weights"][:, :, rows] = out["topk_weights"].reshape(*shape, -1)
+            self.out["key_index"][:, :, rows] = out["key_index"].reshape(*shape, -1)
+            self.out["omitted_weight"][:, :, rows] = out["omitted_weight"].reshape(shape)
 
     def _store_probabilities(self, rows, keys, weights) -> None:
         """Store a block's weights as dense weights and/or head means."""

@@ -13,7 +13,10 @@ multiple of 12 heads, as GPT-2 requires), one 4096-token sequence, CPU, SDPA:
   - both captures again with ``kernel="replace"`` (the tap returns the attention output computed
     from the blocks it reduces; the model's SDPA kernel does not run on the captured layers),
     in the same alternation: ``replace_reduced_ratio``, ``replace_dense2_ratio``, and the largest
-    difference of the last hidden state from the plain forward's.
+    difference of the last hidden state from the plain forward's;
+  - statistics + top-32 with ``kernel="replace"`` reduced by torch's operators instead of the
+    compiled kernel (``ATTNFORMAT_FUSED=0``; :mod:`attnformat.adapters.fused`), in the same
+    alternation: ``replace_reduced_torch_operators_ratio``.
 Case 2 — 32 layers x 32 heads, 8192 tokens, tiny hidden size (64): statistics + top-32 capture
 of every layer (peak RSS, time, file size; target peak RSS <= 4 GB) side by side with a row loop
 over one layer in the style of attention_saver (one query row at a time; our own code), both
@@ -21,7 +24,7 @@ timed on the same query/key states inside the tap, and the plain forward.
 
 Each case runs in a fresh subprocess so that one case's allocations cannot hide another's.
 
-Usage: ``python benchmarks/bench_llm_capture.py [--quick] [--threads N] [--big-layers N]``
+Usage: ``python benchmarks/bench_llm_capture.py [--quick] [--threads N] [--big-layers N] [--skip-big]``
 (``--quick``: 1024 and 2048 tokens, 8 layers in case 2; for development).
 """
 
@@ -94,15 +97,20 @@ def _plain(model, ids) -> PeakRSS:
     return measured
 
 
-def _capture(model, ids, keep, directory, name, kernel: str = "keep") -> tuple[PeakRSS, int]:
+def _capture(model, ids, keep, directory, name, kernel: str = "keep", compiled: bool = True) -> tuple[PeakRSS, int]:
+    """One capture; ``compiled=False`` reduces with torch's operators instead of the compiled kernel."""
     import torch
 
     from attnformat.adapters import huggingface as hf
 
     path = Path(directory) / f"{name}.attn.zarr"
-    with PeakRSS() as measured:
-        with hf.capture(model, path, keep=keep, kernel=kernel), torch.no_grad():
-            measured.output = model(ids).last_hidden_state
+    os.environ["ATTNFORMAT_FUSED"] = "1" if compiled else "0"
+    try:
+        with PeakRSS() as measured:
+            with hf.capture(model, path, keep=keep, kernel=kernel), torch.no_grad():
+                measured.output = model(ids).last_hidden_state
+    finally:
+        os.environ.pop("ATTNFORMAT_FUSED")
     return measured, _size(path)
 
 
@@ -113,6 +121,7 @@ def _warm_up(model, ids, directory) -> None:
     _plain(model, ids[:, :64])
     _capture(model, ids[:, :64], Keep(top_k=TOP_K, statistics=True), directory, "warm-up")
     _capture(model, ids[:, :64], Keep(top_k=TOP_K, statistics=True), directory, "warm-up-replace", kernel="replace")
+    _capture(model, ids[:, :64], Keep(top_k=TOP_K, statistics=True), directory, "warm-up-torch", kernel="replace", compiled=False)
 
 
 def case_gpt2(tokens: int, repeats: int = 2) -> dict:
@@ -124,7 +133,7 @@ def case_gpt2(tokens: int, repeats: int = 2) -> dict:
     model, ids = _model(layers, heads, 264, tokens)
     dense_layer = heads * tokens * tokens * 4
     reduced_keep, dense_keep = Keep(dense=False, top_k=TOP_K, statistics=True), Keep(layers=[0, layers - 1])
-    plain, reduced, dense, replace_reduced, replace_dense = [], [], [], [], []
+    plain, reduced, dense, replace_reduced, replace_dense, torch_reduced = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as directory:
         _warm_up(model, ids, directory)
         # Alternated and repeated: on a shared machine the minimum of each is the comparable figure.
@@ -132,6 +141,7 @@ def case_gpt2(tokens: int, repeats: int = 2) -> dict:
             plain.append(_plain(model, ids))
             reduced.append(_capture(model, ids, reduced_keep, directory, f"reduced-{repeat}"))
             replace_reduced.append(_capture(model, ids, reduced_keep, directory, f"replace-reduced-{repeat}", kernel="replace"))
+            torch_reduced.append(_capture(model, ids, reduced_keep, directory, f"torch-reduced-{repeat}", kernel="replace", compiled=False))
             dense.append(_capture(model, ids, dense_keep, directory, f"dense2-{repeat}"))
             replace_dense.append(_capture(model, ids, dense_keep, directory, f"replace-dense2-{repeat}", kernel="replace"))
         plain.append(_plain(model, ids))
@@ -158,6 +168,8 @@ def case_gpt2(tokens: int, repeats: int = 2) -> dict:
         "dense2_file_MB": round(dense_size / 2**20, 1),
         "replace_reduced_seconds": [round(r.seconds, 2) for r, _ in replace_reduced],
         "replace_reduced_ratio": round(min(r.seconds for r, _ in replace_reduced) / plain_seconds, 2),
+        "replace_reduced_torch_operators_seconds": [round(r.seconds, 2) for r, _ in torch_reduced],
+        "replace_reduced_torch_operators_ratio": round(min(r.seconds for r, _ in torch_reduced) / plain_seconds, 2),
         "replace_dense2_seconds": [round(d.seconds, 2) for d, _ in replace_dense],
         "replace_dense2_ratio": round(min(d.seconds for d, _ in replace_dense) / plain_seconds, 2),
         "replace_max_abs_difference_of_last_hidden_state": replace_difference,
@@ -246,6 +258,7 @@ def main(argv=None) -> int:
     parser.add_argument("--big-layers", type=int, default=None,
                         help="layers of case 2 (default 32; fewer to fit a time budget: the capture streams layer by layer, "
                              "so time and file size scale with layers and peak memory does not)")
+    parser.add_argument("--skip-big", action="store_true", help="run case 1 only")
     parser.add_argument("--case", choices=["gpt2", "big"], help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, help=argparse.SUPPRESS)
@@ -268,7 +281,10 @@ def main(argv=None) -> int:
           f"file {100 * gpt2['reduced_file_vs_dense']:.2f}% of dense float32 (<= 5%); dense capture of 2 layers "
           f"{gpt2['dense2_ratio']}x (<= 1.5); with kernel=\"replace\": statistics + top-{TOP_K} {gpt2['replace_reduced_ratio']}x, "
           f"dense 2 layers {gpt2['replace_dense2_ratio']}x (last hidden state within "
-          f"{gpt2['replace_max_abs_difference_of_last_hidden_state']:.1e} of the plain forward's)")
+          f"{gpt2['replace_max_abs_difference_of_last_hidden_state']:.1e} of the plain forward's); the same statistics + top-{TOP_K} "
+          f"reduced with torch's operators instead of the compiled kernel: {gpt2['replace_reduced_torch_operators_ratio']}x")
+    if args.skip_big:
+        return 0
     big = _run_case(["--case", "big", "--tokens", str(big_tokens), "--layers", str(big_layers), *threads])
     print(json.dumps(big, indent=1))
     print(f"\n{big['case']}: statistics + top-{TOP_K} capture in {big['capture_seconds']} s ({big['capture_ratio']}x plain), "

@@ -27,3 +27,14 @@ def minilm(minilm_dir):
 @pytest.fixture(scope="session")
 def tokenizer(minilm):
     return minilm[1]
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def reduction_path(request, monkeypatch):
+    """Run a test with the compiled top-k/statistics kernel (attnformat.adapters.fused) and with torch's operators."""
+    from attnformat.adapters import fused
+
+    if request.param == "compiled" and not fused._HAVE_NUMBA:
+        pytest.fail("numba is part of the dev extras: the compiled path must be tested")
+    monkeypatch.setenv("ATTNFORMAT_FUSED", "1" if request.param == "compiled" else "0")
+    return request.param

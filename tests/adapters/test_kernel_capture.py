@@ -145,7 +145,7 @@ def _padding(model_name, site, inputs, batch, keys):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_tap_equals_eager_output_attentions_dense_topk_statistics_and_head_mean(tmp_path, name):
+def test_tap_equals_eager_output_attentions_dense_topk_statistics_and_head_mean(tmp_path, name, reduction_path):
     model, inputs = build(name)
     implementation = model.config._attn_implementation
     with torch.no_grad():

@@ -38,7 +38,7 @@ def _case(seed=0, batch=2, heads=3, queries=40, keys=300):
 
 
 @pytest.mark.parametrize("block_rows", [1, 7, 40])
-def test_reducer_matches_numpy_reference_on_long_masked_rows(block_rows):
+def test_reducer_matches_numpy_reference_on_long_masked_rows(block_rows, reduction_path):
     logits, allowed = _case()
     batch, heads, queries, keys = logits.shape
     weights = _softmax(logits.numpy())
@@ -76,7 +76,7 @@ def test_reducer_matches_numpy_reference_on_long_masked_rows(block_rows):
             np.testing.assert_allclose(result[name][real], values[real], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_rows_with_fewer_keys_than_k_end_in_nan_and_minus_one():
+def test_rows_with_fewer_keys_than_k_end_in_nan_and_minus_one(reduction_path):
     call = AttentionCall.from_tensors(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), is_causal=True, site="s")
     result = reduce_call(call, Keep(dense=False, top_k=3), dense=False)
     index, kept = result["key_index"][0], result["topk_weights"][0]
@@ -88,7 +88,7 @@ def test_rows_with_fewer_keys_than_k_end_in_nan_and_minus_one():
     assert (np.diff(kept[:, 2:], axis=-1) <= 0).all()
 
 
-def test_grouped_query_heads_and_sliding_window_without_a_mask():
+def test_grouped_query_heads_and_sliding_window_without_a_mask(reduction_path):
     generator = torch.Generator().manual_seed(4)
     query, key = torch.randn(1, 4, 9, 8, generator=generator), torch.randn(1, 2, 9, 8, generator=generator)
     call = AttentionCall.from_tensors(query, key, is_causal=True, sliding_window=3, site="s")

@@ -1,0 +1,125 @@
+"""The compiled top-k/statistics kernel (attnformat.adapters.fused) against numpy's reference.
+
+The reference is independent of the kernel: a stable sort of the logits (ties: lower key first)
+for the top keys, and attnformat.reductions (float64 over the softmax weights) for the weights,
+the omitted mass and the statistics. Rows are as a capture gives them: masked cells at float32's
+minimum, causal rows, rows with fewer visible keys than k, rows that see no key, widths that are
+and are not multiples of the kernel's group size, many ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnformat import reductions
+from attnformat.adapters import fused
+
+MIN = np.finfo(np.float32).min
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(-1, keepdims=True)
+
+
+def _rows(rows: int, width: int, seed: int, *, ties: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((rows, width)) * 3
+    if ties:
+        logits = np.round(logits)  # a handful of distinct values: ties everywhere
+    logits = logits.astype(np.float32)
+    # Causal rows of a block whose last key is the last row's own position; a few scattered masked keys.
+    visible = np.arange(width)[None, :] <= (width - rows + np.arange(rows))[:, None]
+    visible &= rng.random((rows, width)) > 0.05
+    visible[:, 0] |= True
+    logits[~visible] = MIN
+    return logits
+
+
+def _reference_top(logits: np.ndarray, k: int):
+    order = np.argsort(-logits.astype(np.float64), axis=-1, kind="stable")[:, :k]
+    chosen = np.take_along_axis(logits, order, axis=-1)
+    return np.where(chosen > MIN / 2, order, -1)
+
+
+@pytest.mark.parametrize("width", [1, 5, 31, 32, 33, 100, 1024, 1057, 4096])
+@pytest.mark.parametrize("k", [1, 8, 32])
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_keys_weights_and_statistics_equal_the_reference(width, k, ties):
+    rows = min(width, 24)
+    logits = _rows(rows, width, seed=width * 7 + k, ties=ties)
+    weights = _softmax(logits)
+    visible = logits > MIN / 2
+    positions = np.arange(width - rows, width)
+    window = 3
+    out = fused.reduce_block(logits, weights.astype(np.float32), k, first_key=5,
+                             sink_column=np.argmax(visible, -1), local_low=positions - window, local_high=positions + window + 1)
+
+    index = _reference_top(logits, k)
+    width_k = min(k, width)
+    np.testing.assert_array_equal(out["key_index"][:, :width_k], np.where(index >= 0, index + 5, -1))
+    assert (out["key_index"][:, width_k:] == -1).all()
+    kept, _, omitted = reductions.top_k(weights, k, key_mask=visible)
+    np.testing.assert_allclose(out["topk_weights"], kept, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["omitted_weight"], omitted, rtol=1e-4, atol=1e-6)
+
+    statistics = reductions.row_statistics(weights, local_window=window, query_positions=positions, key_mask=visible)
+    for name in ("entropy", "max_weight", "sink_weight", "local_weight"):
+        np.testing.assert_allclose(out[name], statistics[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_array_equal(out["top_key"], index[:, 0] + 5)
+
+
+def test_rows_that_see_no_key_are_spread_over_every_key():
+    logits = np.full((2, 40), MIN, np.float32)
+    weights = np.full((2, 40), 1 / 40, np.float32)
+    out = fused.reduce_block(logits, weights, 4)
+    assert out["key_index"].tolist() == [[0, 1, 2, 3]] * 2
+    np.testing.assert_allclose(out["topk_weights"], 1 / 40)
+    np.testing.assert_allclose(out["omitted_weight"], 1 - 4 / 40, rtol=1e-6)
+    np.testing.assert_allclose(out["entropy"], np.log(40), rtol=1e-6)
+
+
+def test_minus_infinity_and_nan_logits_are_never_top_keys_and_do_not_poison_the_entropy():
+    logits = np.array([[0.0, -np.inf, 1.0, -np.inf], [np.nan, 2.0, 1.0, 0.0]], np.float32)
+    weights = np.array([_softmax(logits[:1, [0, 2]])[0].tolist()[:1] + [0.0] + _softmax(logits[:1, [0, 2]])[0].tolist()[1:] + [0.0],
+                        [0.0, *_softmax(logits[1:, 1:])[0]]], np.float32)
+    out = fused.reduce_block(logits, weights, 3)
+    assert out["key_index"][0].tolist() == [2, 0, -1]
+    assert out["key_index"][1].tolist() == [1, 2, 3]
+    assert np.isfinite(out["entropy"][0])
+    np.testing.assert_allclose(out["entropy"][0], reductions.row_statistics(weights[:1])["entropy"][0], rtol=1e-5)
+
+
+def test_rows_split_between_threads_give_the_same_result():
+    logits = _rows(200, 700, seed=3)
+    weights = _softmax(logits).astype(np.float32)
+    one = fused.reduce_block(logits, weights, 16, threads=1)
+    two = fused.reduce_block(logits, weights, 16, threads=2)
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+
+
+def test_the_torch_path_is_used_when_the_kernel_is_turned_off(monkeypatch):
+    monkeypatch.setenv("ATTNFORMAT_FUSED", "0")
+    assert not fused.available()
+    monkeypatch.setenv("ATTNFORMAT_FUSED", "1")
+    assert fused.available()
+
+
+def test_a_forked_child_reduces_with_its_own_threads():
+    """The parent's thread pool does not survive a fork: the child must not wait on dead threads."""
+    import multiprocessing
+
+    logits = _rows(64, 300, seed=5)
+    weights = _softmax(logits).astype(np.float32)
+    expected = fused.reduce_block(logits, weights, 8, threads=2)["key_index"]
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        got = pool.apply_async(_reduce_in_child, (logits, weights)).get(timeout=120)
+    np.testing.assert_array_equal(got, expected)
+
+
+def _reduce_in_child(logits, weights):
+    return fused.reduce_block(logits, weights, 8, threads=2)["key_index"]
