@@ -548,6 +548,7 @@ class KernelTap:
             path = tap._by_id.get(id(module))
             if path is None:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
+            observed = False
             if tap.replace:
                 reason = tap._cannot_replace(implementation, module, query, key, value, attention_mask, args, kwargs)
                 if reason is None:
@@ -555,13 +556,12 @@ class KernelTap:
                     output = call.output()
                     if output is not None:
                         return output, None
-                    reason = "the handler did not compute the output"
-                    output = original(module, query, key, value, attention_mask, *args, **kwargs)
-                    tap.fallbacks[reason] = tap.fallbacks.get(reason, 0) + 1
-                    return output
+                    reason, observed = "the handler did not compute the output", True
                 tap.fallbacks[reason] = tap.fallbacks.get(reason, 0) + 1
+            # The model's own kernel: the default, and every call the tap cannot stand in for.
             output = original(module, query, key, value, attention_mask, *args, **kwargs)
-            tap._observe(path, module, query, key, attention_mask, args, kwargs)
+            if not observed:
+                tap._observe(path, module, query, key, attention_mask, args, kwargs)
             return output
 
         tapped_attention.__wrapped__ = original

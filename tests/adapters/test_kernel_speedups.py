@@ -188,3 +188,30 @@ def test_replace_during_generate_leaves_every_call_to_the_kernel(tmp_path):
         sequences = model.generate(**prompts, **settings)
     assert torch.equal(sequences, plain)
     assert set(session.tap.fallbacks) == {"the handler did not compute the output"}
+
+
+def test_replace_with_left_padding_keeps_the_real_positions_exact(tmp_path):
+    """Left padding leaves query rows that see no key. What the model's kernel puts there is its own
+    business, but no real position may change: their outputs equal the kernel's and their captured
+    weights equal eager output_attentions."""
+    model, inputs = build("gpt2")  # sample 1 is left-padded by 3 tokens
+    real = inputs["attention_mask"].bool()
+    keep = Keep(top_k=TOP_K, statistics=True)
+    outputs, paths = {}, {}
+    for mode in ("keep", "replace"):
+        paths[mode] = tmp_path / f"{mode}.attn.zarr"
+        with hf.capture(model, paths[mode], keep=keep, block_bytes=SMALL_BLOCKS, kernel=mode) as session, torch.no_grad():
+            outputs[mode] = model(**inputs, output_hidden_states=True)
+        if mode == "replace":
+            assert session.tap.fallbacks == {}
+    for keep_state, replace_state in zip(outputs["keep"].hidden_states, outputs["replace"].hidden_states):
+        torch.testing.assert_close(replace_state[real], keep_state[real], rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(replace_state).all()
+    expected = eager_weights(model, inputs)
+    tree = attnformat.open(paths["replace"])
+    for module_path, (site, layer) in session.sites.items():
+        reference = expected[module_path]
+        rows = real.numpy()[:, None, :].repeat(reference.shape[1], 1)  # (batch, heads, query)
+        np.testing.assert_allclose(tree[site]["weights"].sel(layer=layer).values[rows], reference[rows], rtol=1e-5, atol=1e-5)
+        kept, key_index, _ = reductions.top_k(reference, TOP_K, key_mask=reference > 0)
+        np.testing.assert_array_equal(tree[f"{site}_topk"]["key_index"].sel(layer=layer).values[rows], key_index[rows])
