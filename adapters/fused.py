@@ -307,7 +307,10 @@ def reduce_block(logits: np.ndarray, weights: np.ndarray, k: int, *, first_key: 
     if threads == 1:
         kernel(*arguments, 0, rows, *rest)
         return out
-    bounds = np.linspace(0, rows, threads + 1).astype(int)
+    # More pieces than threads: a thread that shares its core with another process takes fewer of
+    # them, instead of holding the block back by half of it.
+    pieces = min(4 * threads, max(rows // 8, threads))
+    bounds = np.linspace(0, rows, pieces + 1).astype(int)
     futures = [_executor(threads).submit(kernel, *arguments, int(a), int(b), *rest) for a, b in zip(bounds[:-1], bounds[1:])]
     for future in futures:
         future.result()
