@@ -831,20 +831,31 @@ def _read_reduced(view: _SiteView, variable: str, fixed: dict, reductions: dict)
                 values = _reduce(values, axes, how)
                 remaining = [d for d in remaining if not (d in reductions and reductions[d] == how)]
         return values, dims
-    # Averaging 12 heads of a 4096^2 map should not hold all 12 in memory: accumulate map by map.
+    # Averaging 12 heads of a 4096^2 map should not hold all 12 in memory: accumulate map by map,
+    # also along the dimensions kept whole (a layer comparison of the head mean reads one layer's
+    # head at a time; only the reduced maps it returns are held, not the layers' float64 sums).
     dtype = view.dtype(variable)
-    total = count = peak = None
-    for index in np.ndindex(*(view.sizes[d] for d in reduced)):
-        one = np.asarray(view.read(variable, {**fixed, **dict(zip(reduced, index))}), dtype=np.float64)
-        finite = ~np.isnan(one)
-        total = np.where(finite, one, 0.0) + (0.0 if total is None else total)
-        count = finite.astype(np.int64) + (0 if count is None else count)
-        peak = one if peak is None else np.fmax(peak, one)
-    if reductions[reduced[0]] == "max":
-        return peak.astype(dtype, copy=False), dims
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return mean.astype(np.float32 if dtype == np.float32 else np.float64), dims
+    kept = [d for d in dims if d in SELECTABLE_DIMS]
+    how = reductions[reduced[0]]
+    out = np.empty(tuple(view.sizes[d] for d in dims), np.float32 if dtype == np.float32 else np.float64)
+    for kept_index in np.ndindex(*(view.sizes[d] for d in kept)):
+        chosen = {**fixed, **dict(zip(kept, kept_index))}
+        total = count = peak = None
+        for index in np.ndindex(*(view.sizes[d] for d in reduced)):
+            one = np.asarray(view.read(variable, {**chosen, **dict(zip(reduced, index))}), dtype=np.float64)
+            if how == "max":
+                peak = one if peak is None else np.fmax(peak, one)
+                continue
+            finite = ~np.isnan(one)
+            total = np.where(finite, one, 0.0) + (0.0 if total is None else total)
+            count = finite.astype(np.int64) + (0 if count is None else count)
+        target = tuple(kept_index[kept.index(d)] if d in kept else slice(None) for d in dims)
+        if how == "max":
+            out[target] = peak
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[target] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return (out.astype(dtype, copy=False) if how == "max" else out), dims
 
 
 def _node_dim(site) -> str:

@@ -41,6 +41,29 @@ def test_large_slices_are_reduced_map_by_map_with_the_same_result(example, monke
     np.testing.assert_array_equal(streamed[1], in_memory[1])
 
 
+def test_large_slices_keep_whole_dimensions_map_by_map_with_the_same_result(example, monkeypatch):
+    """A layer comparison of the head mean/max streams one map at a time along the kept layers too."""
+    from attnformat.viewer import selection
+
+    tree = attnformat.open(example("steps"))
+    weights = tree["trunk/iga"]["weights"].isel(step=0).values  # (layer, head, query, key)
+    monkeypatch.setattr(selection, "_STREAM_ELEMENTS", 1)
+    mean = select(tree, keep=("layer",), head="mean")
+    assert mean.dims[0] == "layer" and mean.values.shape == weights.shape[:1] + weights.shape[2:]
+    np.testing.assert_allclose(mean.values, weights.mean(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(select(tree, keep=("layer",), head="max").values, weights.max(axis=1))
+    reads = []
+    original = selection._TreeSite.read
+
+    def counting(self, variable, fixed):
+        reads.append(dict(fixed))
+        return original(self, variable, fixed)
+
+    monkeypatch.setattr(selection._TreeSite, "read", counting)
+    select(tree, keep=("layer",), head="mean")
+    assert reads and all({"layer", "head"} <= set(read) for read in reads)  # one map per read
+
+
 def test_layer_selector_matches_coordinate_values_not_positions(example):
     tree = attnformat.open(example("frames"))
     chosen = select(tree, layer=3, head=1)
