@@ -29,8 +29,9 @@ The seeds' way is emulated two ways, and both are printed:
 The ways take turns (ours first in even rounds, last in odd ones) and the medians are compared.
 For the report, CPU time (this process, its helper processes and the report's fork server, which
 forks them: its import of the plotting modules is counted in the first run) over wall time shows
-how many cores were busy. On a shared machine the wall-time ratio depends on the load (printed);
-the CPU ratio much less.
+how many cores were busy, and the machine's busy time minus ours how many cores other processes
+took meanwhile. On a shared machine the wall-time ratio depends on the load (printed); the CPU
+ratio much less.
 
 Only this script imports torch, and only inside the functions that emulate the seeds: the
 report's helper processes import this script again (as ``__mp_main__``), which must not cost
@@ -277,19 +278,39 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + _server_cpu_seconds()
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds spent by every process of the machine so far (Linux ``/proc/stat``; 0 elsewhere).
+
+    Why: on a shared machine "cores busy" of the report (its CPU over its wall time) stays well
+    below the number of its processes when other processes hold the cores; those processes then
+    wait for a CPU while a trace shows them runnable. The machine's busy time minus ours says how
+    much CPU the others took meanwhile. (The report's own CPU, :func:`_cpu_seconds`, was checked
+    against its processes' ``/proc`` counters polled while it ran: it counts the helpers.)
+    """
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    guest = sum(fields[8:10]) if len(fields) > 9 else 0  # counted in user time already
+    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
 def compare_reports(path: Path, pt_path: Path, scratch: Path, *, repeat: int, workers: int, layer_paths=None) -> dict:
     """Our report, the seeds' way and (given ``layer_paths``) the seeds' literal scripts, taking
     turns, ``repeat`` times each; medians and the ratios."""
-    ours, seeds, cpu, seeds_cpu, scripts, scripts_cpu = [], [], [], [], [], []
+    ours, seeds, cpu, seeds_cpu, scripts, scripts_cpu, elsewhere = [], [], [], [], [], [], []
     plots = seeds_plots = 0
 
     def run_ours(round_: int) -> None:
         nonlocal plots
         out = scratch / f"report-{round_}"
-        cpu_start, start = _cpu_seconds(), time.perf_counter()
+        cpu_start, machine_start, start = _cpu_seconds(), _machine_busy_seconds(), time.perf_counter()
         index = report(path, out, progress=False, workers=workers)
         ours.append(time.perf_counter() - start)
+        machine = _machine_busy_seconds() - machine_start
         cpu.append(_cpu_seconds() - cpu_start)
+        elsewhere.append(max(0.0, machine - cpu[-1]) / ours[-1])
         plots = len(list(index.parent.glob("*.png")))
         shutil.rmtree(out, ignore_errors=True)
 
@@ -316,7 +337,7 @@ def compare_reports(path: Path, pt_path: Path, scratch: Path, *, repeat: int, wo
             run(round_)
     result = {"ours": statistics.median(ours), "seeds": statistics.median(seeds), "ours_runs": ours, "seeds_runs": seeds,
               "cpu": statistics.median(cpu), "seeds_cpu": statistics.median(seeds_cpu), "plots": plots,
-              "seeds_plots": seeds_plots}
+              "seeds_plots": seeds_plots, "others": statistics.median(elsewhere)}
     if scripts:
         result.update(scripts=statistics.median(scripts), scripts_runs=scripts, scripts_cpu=statistics.median(scripts_cpu))
     return result
@@ -328,7 +349,8 @@ def print_comparison(title: str, result: dict, workers: int, target: float | Non
     runs = lambda values: " ".join(f"{v:.1f}" for v in values)  # noqa: E731
     print(title)
     print(f"  attnformat report, {workers} worker(s): {result['ours']:7.2f} s median  (runs {runs(result['ours_runs'])}; "
-          f"CPU {result['cpu']:.1f} s over {result['ours']:.1f} s wall = {busy:.2f} cores busy; {result['plots']} PNG files)")
+          f"CPU {result['cpu']:.1f} s over {result['ours']:.1f} s wall = {busy:.2f} cores busy, other processes "
+          f"{result['others']:.2f} cores meanwhile; {result['plots']} PNG files)")
     print(f"  seeds' way (.pt per plot, 1 core):  {result['seeds']:7.2f} s median  (runs {runs(result['seeds_runs'])}; "
           f"CPU {result['seeds_cpu']:.1f} s; {result['seeds_plots']} plots)")
     print(f"  CPU seeds / attnformat (all processes, helpers' start included): {result['seeds_cpu'] / result['cpu']:.2f}x")

@@ -360,22 +360,34 @@ def _placed_axes(layout, colorbar: bool):
     return ax, colorbar_axes
 
 
-def _compact_heatmap(chosen, layout, *, title, cmap, norm, origin, colorbar: bool):
+def _compact_heatmap(chosen, layout, *, title, cmap, norm, origin, colorbar: bool, axis_labels=None, label=None,
+                     mark_limits: bool = True, steps=None):
     """The map drawn by :func:`attnformat.viewer.output.compact_panels` where :func:`_placed_axes`
-    would put its Axes, with the same colorbar beside it; returns the canvas."""
+    would put its Axes, with the same colorbar beside it; returns the canvas.
+
+    ``axis_labels`` (x, y) and the colorbar's ``label`` default to the selection's; ``mark_limits``
+    False draws a plain colorbar (as :func:`attnformat.viewer.groups.draw_one_map` does) instead of
+    :func:`~attnformat.viewer.colors.labelled_colorbar`; ``steps`` (query, key) defaults to what
+    ``layout`` fits.
+    """
     figure = new_figure(layout.figsize, layout=None)
-    xlabel, ylabel = axis_names(chosen)
+    xlabel, ylabel = axis_names(chosen) if axis_labels is None else axis_labels
     rows, cols = np.shape(chosen.values)[-2:]
+    steps = layout.steps(rows, cols) if steps is None else steps
     canvas, mappable = compact_panels(figure, layout, [map_panel(chosen, title=title)],
                                       [(chosen.values, chosen.query_labels, chosen.key_labels, xlabel, ylabel)], count=1,
-                                      steps=lambda values: layout.steps(rows, cols), cmap=cmap, norm=norm, origin=origin,
+                                      steps=lambda values: steps, cmap=cmap, norm=norm, origin=origin,
                                       missing_text=NOT_CAPTURED, rects=[layout.panel_rect()])
     if colorbar:
         left, bottom, width, height = layout.panel_rect()
         bar = min(max(layout.panel[1] / 20, 0.12), 0.25)
         figure_width = layout.figsize[0]
         colorbar_axes = figure.add_axes((left + (layout.panel[0] + 0.2) / figure_width, bottom, bar / figure_width, height))
-        labelled_colorbar(mappable, ax=canvas, label=colorbar_label(chosen), values=chosen.values, cax=colorbar_axes)
+        label = colorbar_label(chosen) if label is None else label
+        if mark_limits:
+            labelled_colorbar(mappable, ax=canvas, label=label, values=chosen.values, cax=colorbar_axes)
+        else:
+            figure.colorbar(mappable, cax=colorbar_axes, label=label)
     return canvas
 
 

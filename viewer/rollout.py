@@ -148,7 +148,7 @@ def _times(matrix: np.ndarray, product) -> np.ndarray:
 @documented
 def rollout_map(source, *, site=None, sample=None, step=None, time=None, node=None, head="mean", residual: bool = True,
                 cmap=None, vmin=None, vmax=None, log: bool = False, origin="upper", colorbar: bool = True, ax=None,
-                figsize=None, title=None):
+                figsize=None, title=None, compact: bool = False):
     """Heatmap of the attention rollout (rows: output tokens, columns: input tokens).
 
     The colour scale is sequential from the smallest to the largest rolled-out value (rows sum to
@@ -171,6 +171,7 @@ def rollout_map(source, *, site=None, sample=None, step=None, time=None, node=No
     $ax
     $heatmap_figsize
     $heatmap_title
+    $heatmap_compact
 
     Returns
     -------
@@ -191,4 +192,4 @@ def rollout_map(source, *, site=None, sample=None, step=None, time=None, node=No
     chosen.variable = f"rolled-out attention ({how})"
     return draw_one_map(chosen, cmap=cmap, norm=norm, origin=origin, xlabel="input token (key)",
                         ylabel="output token (query)", title=chosen.title() if title is None else title,
-                        colorbar=colorbar, ax=ax, figsize=figsize)
+                        colorbar=colorbar, ax=ax, figsize=figsize, compact=compact)

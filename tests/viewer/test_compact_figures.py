@@ -110,3 +110,28 @@ def test_compact_grid_saves_as_svg_with_every_label_as_text(example, tmp_path):
     # 3 heads in one row: query labels on the left panel only, key labels under every panel
     assert svg.count(f">{labels[2]}<") == 1 + 3
     assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_compact_rollout_same_map_title_labels_and_colorbar_as_the_default(example):
+    from attnformat.viewer import attention_rollout, rollout_map
+
+    tree = attnformat.open(example("dense"))
+    default = rollout_map(tree)
+    canvas = rollout_map(tree, compact=True)
+    image = canvas.images[0]
+    np.testing.assert_allclose(np.ma.filled(image.get_array(), np.nan), attention_rollout(tree).values, rtol=1e-6)
+    assert canvas.figure.get_size_inches().tolist() == default.figure.get_size_inches().tolist()
+    assert canvas.figure.get_layout_engine() is None
+    shown = [default.get_title(), default.get_xlabel(), default.get_ylabel()]
+    shown += [t.get_text() for t in default.get_xticklabels() + default.get_yticklabels()]
+    assert sorted(t for t in _labels_on_canvas(canvas) if t) == sorted(t for t in shown if t)
+    bar, default_bar = canvas.figure.axes[1], default.figure.axes[1]
+    assert bar.get_ylabel() == default_bar.get_ylabel() == "rolled-out attention (rollout with residual)"
+    assert bar.get_ylim() == default_bar.get_ylim()
+    assert image.norm.vmin == default.images[0].norm.vmin and image.norm.vmax == default.images[0].norm.vmax
+    # the title (wider than the 6-token panel) gets the room the default figure widened for it, at full size
+    title = next(t for t in canvas.texts if t.get_text() == default.get_title())
+    assert title.get_fontsize() == default.title.get_fontsize()
+    canvas.figure.canvas.draw()
+    box = title.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= canvas.figure.bbox.width

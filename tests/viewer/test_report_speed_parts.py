@@ -142,11 +142,15 @@ def test_a_report_drawn_on_two_processes_still_holds_every_planned_figure(small,
 
 
 def test_grids_are_drawn_first_from_both_ends_and_single_plots_last(small):
-    from attnformat.viewer.report import _GRID_KINDS, _drawing_order
+    from attnformat.viewer.report import _GRID_KINDS, _REUSING_KINDS, _drawing_order
 
     items = plan_report(small[0])
     order = _drawing_order(items)
     assert sorted(order) == list(range(len(items)))  # every plot drawn once
+    # the box plots come last: the report's own process draws them first, from its summary's statistics
+    reusing = sum(items[index].kind in _REUSING_KINDS for index in order)
+    assert reusing == 1 and items[order[-1]].kind in _REUSING_KINDS
+    order = order[:len(order) - reusing]
     kinds = [items[index].kind in _GRID_KINDS for index in order]
     grids = sum(kinds)
     assert grids >= 2 and kinds[0] and kinds[-1]
@@ -154,3 +158,84 @@ def test_grids_are_drawn_first_from_both_ends_and_single_plots_last(small):
     front = (grids + 1) // 2
     assert kinds[:front] == [True] * front and kinds[len(kinds) - (grids - front):] == [True] * (grids - front)
     assert not any(kinds[front:len(kinds) - (grids - front)])
+
+
+# -- texts laid out and rasterised once per process -----------------------------------------------------
+
+
+def _png_pixels(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGBA"))
+
+
+@pytest.mark.parametrize("kind", ["heatmap", "head-grid", "rollout", "stats"])
+def test_the_report_s_text_renderer_draws_matplotlib_s_pixels(small, tmp_path, kind):
+    from attnformat.viewer import catalog
+    from attnformat.viewer.report import _text_renderer, save_png
+
+    path = small[0]
+    assert _text_renderer() is not None  # this Matplotlib passes the per-process check
+    options = {"layer": 1} if kind in ("heatmap", "head-grid") else {}
+    if "compact" in catalog.PLOT_KINDS[kind].parameters:
+        options["compact"] = True
+    with matplotlib.rc_context({"savefig.bbox": "standard"}):
+        for attempt in range(2):  # the second figure is drawn from the caches the first one filled
+            figure = catalog.plot(path, kind, **options)
+            figure = getattr(figure, "figure", figure)
+            save_png(figure, tmp_path / f"ours{attempt}.png", dpi=80)
+            plt.close(figure)
+        figure = catalog.plot(path, kind, **options)
+        figure = getattr(figure, "figure", figure)
+        figure.savefig(tmp_path / "matplotlib.png", dpi=80)  # Matplotlib's own renderer, from scratch
+        plt.close(figure)
+    expected = _png_pixels(tmp_path / "matplotlib.png")
+    for attempt in range(2):
+        assert np.array_equal(_png_pixels(tmp_path / f"ours{attempt}.png"), expected)
+
+
+def test_a_text_renderer_that_draws_other_pixels_is_not_used(monkeypatch):
+    import importlib
+
+    report_module = importlib.import_module("attnformat.viewer.report")  # the package's "report" is the function
+    original = report_module._text_renderer_class
+
+    def shifted():
+        base = original()
+
+        class Shifted(base):
+            def draw_text(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
+                return super().draw_text(gc, x + 0.5, y, s, prop, angle, ismath=ismath, mtext=mtext)
+
+        return Shifted
+
+    monkeypatch.setattr(report_module, "_TEXT_RENDERER", {})
+    monkeypatch.setattr(report_module, "_text_renderer_class", shifted)
+    assert report_module._text_renderer() is None
+
+
+def test_the_box_plots_of_a_report_reuse_the_summary_s_statistics(small, tmp_path, monkeypatch):
+    import importlib
+
+    from attnformat.viewer import attention_statistics
+
+    statistics = importlib.import_module("attnformat.viewer.statistics")
+    computed = []
+    original = statistics._computed_statistics
+
+    def counting(*args, **kwargs):
+        computed.append(statistics.site_name(args[0]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(statistics, "_computed_statistics", counting)
+    index = report(small[0], tmp_path / "one", progress=False, workers=1)
+    assert computed == ["encoder/self"]  # once for the summary and the box plots together
+    assert (index.parent / "encoder_self-stats.png").is_file()
+    # outside a report nothing is kept, and the kept numbers are the ones computed afresh
+    tree = attnformat.open(small[0])
+    with statistics.reusing_statistics():
+        kept = attention_statistics(tree)
+        assert attention_statistics(tree) is kept
+    fresh = attention_statistics(tree)
+    assert fresh is not kept and fresh.equals(kept)
