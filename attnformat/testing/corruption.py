@@ -48,7 +48,7 @@ METADATA_NAMES = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
 SECRET_TOKEN = "ATTNFORMAT-SECRET-7f3a9c"
 MARKER_NAME = "PICKLE-EXECUTED"
 MEMORY_LIMIT_BYTES = 1 << 30  # a run over this peak resident size is a failure
-ADDRESS_SPACE_LIMIT = 4 << 30  # keeps a runaway child from taking the machine down
+ADDRESS_SPACE_LIMIT = 4 << 30  # beyond what a child inherits: keeps a runaway child from taking the machine down
 UNCAUGHT_EXIT = 70  # the child's own code when something escaped attnformat.cli.main
 
 COMMANDS = {
@@ -1197,13 +1197,18 @@ def _fork(label: str, function: Callable[[], int], out_path: Path, err_path: Pat
         with contextlib.suppress(Exception):
             stream.flush()
     inherited = _resident_bytes()
+    # The address-space bound counts from what the child inherits: a test worker that loaded torch,
+    # numba's LLVM and a few thread pools already maps over 4 GB, and a child bounded absolutely
+    # could not even start a thread (its stack and malloc arena fail to map; Thread.start then
+    # waits forever for a thread that never ran).
+    mapped = _mapped_bytes()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = UNCAUGHT_EXIT
         try:
             os.setpgid(0, 0)
             if address_limit:
-                resource.setrlimit(resource.RLIMIT_AS, (address_limit, address_limit))
+                resource.setrlimit(resource.RLIMIT_AS, (mapped + address_limit, mapped + address_limit))
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             for fd, path in ((1, out_path), (2, err_path)):
@@ -1227,6 +1232,15 @@ def _fork(label: str, function: Callable[[], int], out_path: Path, err_path: Pat
                 sys.stderr.flush()
             os._exit(code)
     return _Child(label, pid, time.monotonic(), out_path, err_path, timeout, inherited)
+
+
+def _mapped_bytes() -> int:
+    """This process's virtual size now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _resident_bytes() -> int:
