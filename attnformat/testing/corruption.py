@@ -1234,22 +1234,23 @@ def _fork(label: str, function: Callable[[], int], out_path: Path, err_path: Pat
     return _Child(label, pid, time.monotonic(), out_path, err_path, timeout, inherited)
 
 
-def _mapped_bytes() -> int:
-    """This process's virtual size now (Linux ``/proc``; 0 elsewhere)."""
+def _statm_bytes(field: int) -> int:
+    """Field ``field`` of ``/proc/self/statm`` in bytes (0: virtual size, 1: resident size; 0 off Linux)."""
     try:
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            return int(statm.read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _mapped_bytes() -> int:
+    """This process's virtual size now."""
+    return _statm_bytes(0)
 
 
 def _resident_bytes() -> int:
-    """This process's resident size now (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    """This process's resident size now."""
+    return _statm_bytes(1)
 
 
 def _read_text(path: Path, limit: int = 1 << 20) -> str:
