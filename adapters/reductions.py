@@ -153,17 +153,12 @@ class RowReducer:
         rows = slice(*rows.indices(self.query_count))
         width = logits.shape[-1]
         keys = slice(first_key, first_key + width)
-        if (self.statistics or self.top_k) and fused.available() and logits.shape[0] == self.batch:
-            # One compiled pass per row for the top-k and every statistic (see attnformat.adapters.fused).
-            weights = _softmax(logits, workspace)
-            if output is not None:
-                output(rows, first_key, weights)
-            self._reduce_fused(rows, keys, logits, weights, first_key)
-            if "weights" in self.out or "head_mean" in self.out:
-                self._store_probabilities(rows, keys, weights)
-            return
+        # With numba, one compiled pass per row gives the top-k and every statistic (attnformat.adapters.fused).
+        compiled = (self.statistics or self.top_k) and fused.available() and logits.shape[0] == self.batch
         top_values = top_index = maximum = None
-        if self.top_k:
+        if compiled:
+            pass
+        elif self.top_k:
             # Top-k on the logits (softmax is monotonic); the largest is the row maximum.
             top_values, top_index = torch.topk(logits, min(self.top_k, width), dim=-1)
             maximum = top_values[..., :1]
@@ -174,7 +169,9 @@ class RowReducer:
         weights = _softmax(logits, workspace)
         if output is not None:
             output(rows, first_key, weights)
-        if self.statistics or self.top_k:
+        if compiled:
+            self._reduce_fused(rows, keys, logits, weights, first_key)
+        elif self.statistics or self.top_k:
             self._reduce_rows(rows, keys, logits, weights, top_values, top_index, maximum, first_key)
         if "weights" in self.out or "head_mean" in self.out:
             self._store_probabilities(rows, keys, weights)
