@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,13 +301,22 @@ def export_texts(
     options = dict(capture_options or {})
     if keep is not None:
         options["keep"] = keep
+
+    def labelled(offset: int) -> dict:
+        return _tokens(tokenizer, source.ids[offset:offset + batch_size], source.longest, pad_labels)
+
+    # With a core to spare, the next batch's readable labels (a few hundred decoder calls per batch)
+    # are made while the model runs this one. Nothing else uses the tokenizer during the loop.
+    labeller = ThreadPoolExecutor(1, thread_name_prefix="attnformat-labels") if write_behind_helps(model) else None
+    upcoming = labeller.submit(labelled, 0) if labeller is not None and count else None
     try:
         with recorder:
             for offset in range(0, count, batch_size):
                 stop = min(offset + batch_size, count)
                 ids, mask = _padded(source.ids[offset:stop], tokenizer.pad_token_id)
                 inputs = {"input_ids": ids, "attention_mask": mask}
-                first = _tokens(tokenizer, source.ids[offset:stop], source.longest, pad_labels)
+                first = upcoming.result() if upcoming is not None else labelled(offset)
+                upcoming = labeller.submit(labelled, stop) if labeller is not None and stop < count else None
                 if encoder_decoder:
                     target_ids, target_mask = _padded(decoder.ids[offset:stop], tokenizer.pad_token_id)
                     decoder_ids = huggingface._shift_right(model, target_ids)
@@ -333,6 +343,8 @@ def export_texts(
                 if bar is not None:
                     bar.update(stop - offset)
     finally:
+        if labeller is not None:
+            labeller.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
     return recorder.path

@@ -4,13 +4,15 @@ Why this exists: with torch's operators, the reductions of a captured block cost
 the attention that produced it. ``torch.topk`` alone was about 30% of a statistics + top-32
 capture at 4096 tokens (a full selection per row, even though after the first few hundred keys
 almost no key can enter the top 32), and entropy, sink, local weight and the gathers each made
-one more pass over the block. Here one compiled loop per row keeps a sorted buffer of the ``k``
-largest logits, skips 16 keys at a time whose maximum cannot enter it, and computes every
+one more pass over the block. Here one compiled loop per row takes the maximum of each group of
+32 keys, bounds the k-th largest logit from below by the k-th largest group maximum, sorts only
+the keys at or above that bound into a buffer of the ``k`` largest, and computes every
 statistic from the same row while it is in cache. The softmax itself stays torch's (its
 vectorised exponential has no match in portable compiled code).
 
-The kernel releases the GIL and the block's rows are split between ``torch.get_num_threads()``
-threads. numba is optional (in the ``torch`` extra): without it, :mod:`~attnformat.adapters.reductions`
+The kernel releases the GIL and the block's rows are split between ``threads`` threads (torch's
+thread count, or 1 when :func:`attnformat.adapters.reductions.reduce_call` already runs whole
+blocks on separate threads). numba is optional (in the ``torch`` extra): without it, :mod:`~attnformat.adapters.reductions`
 uses torch's operators and gives the same values (the tests run both against the models' eager
 weights). Ties between equal logits keep the lower key first. A -inf logit is never a top key
 and adds nothing to the entropy; a NaN logit makes its row's softmax NaN, and what the kernel
@@ -35,8 +37,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
-import importlib.util
 
 #: Logits at or below this are masked (the tap writes float32's minimum on masked cells).
 MASKED_BELOW = float(np.finfo(np.float32).min) / 2
@@ -232,26 +232,35 @@ def _kernel():
         return _compiled
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
+_pools: dict[str, tuple[ThreadPoolExecutor, int]] = {}
 
 
-def _forget_pool() -> None:
-    # A forked child inherits the pool object but not its threads: it must make its own.
-    global _pool, _pool_threads
-    _pool, _pool_threads = None, 0
+def _forget_pools() -> None:
+    # A forked child inherits the pool objects but not their threads: it must make its own.
+    _pools.clear()
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=_forget_pools)
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool, _pool_threads
-    if _pool is None or _pool_threads != threads:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="attnformat-fused"), threads
-    return _pool
+def executor(name: str, threads: int) -> ThreadPoolExecutor:
+    """A thread pool of ``threads`` threads kept for reuse under ``name`` (remade when the count changes).
+
+    Separate names keep separate pools, so work on one pool may wait for work on another
+    without deadlock. Forgotten in a forked child.
+
+    Examples
+    --------
+    >>> executor("example", 1).submit(sum, [1, 2]).result()
+    3
+    """
+    pool, count = _pools.get(name, (None, 0))
+    if pool is None or count != threads:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix=f"attnformat-{name}")
+        _pools[name] = (pool, threads)
+    return pool
 
 
 def reduce_block(logits: np.ndarray, weights: np.ndarray, k: int, *, first_key: int = 0, sink_column=None,
@@ -317,7 +326,7 @@ def reduce_block(logits: np.ndarray, weights: np.ndarray, k: int, *, first_key: 
     # them, instead of holding the block back by half of it.
     pieces = min(4 * threads, max(rows // 8, threads))
     bounds = np.linspace(0, rows, pieces + 1).astype(int)
-    futures = [_executor(threads).submit(kernel, *arguments, int(a), int(b), *rest) for a, b in zip(bounds[:-1], bounds[1:])]
+    futures = [executor("rows", threads).submit(kernel, *arguments, int(a), int(b), *rest) for a, b in zip(bounds[:-1], bounds[1:])]
     for future in futures:
         future.result()
     return out

@@ -20,19 +20,21 @@ BERT, T5, BART, ViT, Whisper and CLIP), computed in float32 whatever the model's
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from attnformat.adapters.errors import UnsupportedModelError
+from attnformat.adapters.fused import MASKED_BELOW
 
 #: Default memory budget of one block of weights (batch x heads x rows x keys float32): 8 MiB, about
 #: what stays in the CPU's caches while the block is reduced (larger blocks are slower, not faster).
 #: The reductions hold about three such blocks at once.
 DEFAULT_BLOCK_BYTES = 8 * 2**20
 _MIN = torch.finfo(torch.float32).min
-#: A logit at or below this is a masked key (masks put float32's minimum there).
-_MASKED_BELOW = _MIN / 2
+#: A logit at or below this is a masked key (masks put float32's minimum there); one threshold with the reductions.
+_MASKED_BELOW = MASKED_BELOW
 
 
 class AttentionCall:
@@ -106,6 +108,7 @@ class AttentionCall:
         self.value = None
         self._value_grouped = None
         self._output = None
+        self._output_lock = threading.Lock()
 
     @classmethod
     def from_tensors(cls, query, key, *, attn_mask=None, is_causal: bool = False, scale: float | None = None, softcap=None,
@@ -303,6 +306,21 @@ class AttentionCall:
             self._key_t = key.reshape(self.batch * self.key_heads, self.key_count, key.shape[-1]).transpose(1, 2).contiguous()
         return self._key_t
 
+    def prepare_blocks(self) -> None:
+        """Make what the blocks share (transposed keys, grouped values, the output buffer) before
+        threads reduce blocks side by side (each would otherwise make its own).
+
+        Examples
+        --------
+        >>> call = AttentionCall.from_tensors(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+        >>> call.prepare_blocks()
+        >>> tuple(call._keys_transposed().shape)
+        (1, 4, 2)
+        """
+        self._keys_transposed()
+        if self.wants_output:
+            self._output_buffer()
+
     # -- output (kernel="replace") ----------------------------------------------------------------
     @property
     def wants_output(self) -> bool:
@@ -332,13 +350,21 @@ class AttentionCall:
         count, width = rows.stop - rows.start, weights.shape[-1]
         group = self.heads // self.key_heads
         values = self._values_grouped()
-        if self._output is None:
-            self._output = torch.empty(self.batch, self.query_count, self.heads, values.shape[-1], dtype=torch.float32,
-                                       device=values.device)
-            self._output_rows = 0
+        output = self._output_buffer()
         block = torch.bmm(weights.reshape(self.batch * self.key_heads, group * count, width), values[:, first_key:first_key + width])
-        self._output[:, rows] = block.view(self.batch, self.heads, count, -1).transpose(1, 2)
-        self._output_rows += count
+        output[:, rows] = block.view(self.batch, self.heads, count, -1).transpose(1, 2)
+        with self._output_lock:  # blocks may run on several threads (reductions.reduce_call)
+            self._output_rows += count
+
+    def _output_buffer(self) -> torch.Tensor:
+        """The attention output being filled (batch, queries, heads, value dim), float32, made on first use."""
+        with self._output_lock:
+            if self._output is None:
+                values = self._values_grouped()
+                self._output = torch.empty(self.batch, self.query_count, self.heads, values.shape[-1], dtype=torch.float32,
+                                           device=values.device)
+                self._output_rows = 0
+            return self._output
 
     def output(self) -> torch.Tensor | None:
         """The attention output (batch, queries, heads, value dim) in the value's dtype, as
@@ -695,6 +721,14 @@ class WeightsCall(AttentionCall):
         """
         weights = self._weights[:, :, rows].float()
         return torch.log(weights).clamp_(min=_MIN), 0
+
+    def prepare_blocks(self) -> None:
+        """Nothing to prepare: the weights are in hand.
+
+        Examples
+        --------
+        >>> WeightsCall(torch.full((1, 1, 1, 2), 0.5)).prepare_blocks()
+        """
 
     def key_valid(self) -> torch.Tensor:
         """Keys some row of the sample puts weight on, rows spread evenly over every key aside: bool (batch, keys).

@@ -23,13 +23,16 @@ both against the framework's eager weights.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import torch
 
 from attnformat.adapters import fused
 from attnformat.adapters.keep import Keep
 
-_MASKED_BELOW = torch.finfo(torch.float32).min / 2
+_MASKED_BELOW = fused.MASKED_BELOW  # the tap's threshold, shared with the compiled kernel
 
 
 class Workspace:
@@ -133,6 +136,8 @@ class RowReducer:
         self.first_keys = torch.zeros(batch, dtype=torch.int64) if first_keys is None else torch.as_tensor(first_keys, dtype=torch.int64)
         self.window = keep.window
         self._reused = dense and dense_out is not None
+        #: Threads of the compiled pass (None: torch's thread count); 1 while blocks run on several threads.
+        self.kernel_threads = None
 
     def add(self, rows: slice, logits: torch.Tensor, first_key: int, workspace: Workspace | None = None, output=None) -> None:
         """Reduce one block: ``logits`` (batch, heads, rows, keys) of keys ``[first_key, first_key + keys)``.
@@ -216,7 +221,8 @@ class RowReducer:
             local_high = np.tile(positions + self.window + 1, batch * heads)
         out = fused.reduce_block(logits.contiguous().view(-1, width).numpy(), weights.contiguous().view(-1, width).numpy(),
                                  self.top_k or 1, first_key=first_key, sink_column=sink_column, local_low=local_low,
-                                 local_high=local_high, entropy="entropy" in names, threads=torch.get_num_threads())
+                                 local_high=local_high, entropy="entropy" in names,
+                                 threads=self.kernel_threads or torch.get_num_threads())
         shape = (batch, heads, count)
         for name in names:
             self.out[name][:, :, rows] = out[name].reshape(shape)
@@ -343,7 +349,75 @@ def reduce_call(call, keep: Keep, *, dense: bool, budget_bytes: int | None = Non
                          local=call.attention_type == "self", dense_out=dense_out)
     workspace = getattr(call, "workspace", None) or Workspace()
     output = call.add_output if getattr(call, "wants_output", False) else None
-    for rows in call.row_slices(budget_bytes):
-        logits, first = call.block_logits(rows, workspace=workspace)
-        reducer.add(rows, logits, first, workspace, output)
+    slices = call.row_slices(budget_bytes)
+    threads = torch.get_num_threads()
+    if threads > 1 and len(slices) > 1 and block_workers_enabled():
+        _reduce_on_threads(call, reducer, output, slices, min(threads, len(slices)), workspace)
+    else:
+        for rows in slices:
+            logits, first = call.block_logits(rows, workspace=workspace)
+            reducer.add(rows, logits, first, workspace, output)
     return reducer.result()
+
+
+def block_workers_enabled() -> bool:
+    """True unless ``ATTNFORMAT_BLOCK_THREADS=0``: with more than one torch thread, a call's blocks
+    are shared between threads that each run torch single-threaded (see :func:`reduce_call`).
+
+    Examples
+    --------
+    >>> isinstance(block_workers_enabled(), bool)
+    True
+    """
+    return os.environ.get("ATTNFORMAT_BLOCK_THREADS", "1") != "0"
+
+
+_local = threading.local()
+
+
+def _thread_workspace() -> Workspace:
+    workspace = getattr(_local, "workspace", None)
+    if workspace is None:
+        workspace = _local.workspace = Workspace()
+    return workspace
+
+
+def _reduce_on_threads(call, reducer: RowReducer, output, slices: list[slice], workers: int, workspace: Workspace) -> None:
+    """Reduce a call's blocks on ``workers`` threads (this one included), torch single-threaded meanwhile.
+
+    Why: torch splits each operation of a block (the logits' product, the softmax, the output's
+    product) between its OpenMP threads, which meet at a barrier after every operation and spin
+    while the compiled pass or Python runs; a block of 8 MiB is too small for that to pay off
+    (the recomputation scaled 1.3x from 1 to 2 threads). Whole blocks on separate threads, each
+    running torch on one thread, share no barrier. The threads pull blocks from one queue, as a
+    causal call's later blocks are wider. Each writes disjoint rows of the reducer's outputs and
+    of the attention output. torch's thread count is process-wide: it is 1 while the blocks run
+    and restored afterwards (on error too).
+    """
+    call.prepare_blocks()
+    pending = iter(slices)
+    lock = threading.Lock()
+
+    def take():
+        with lock:
+            return next(pending, None)
+
+    def work(space: Workspace) -> None:
+        while (rows := take()) is not None:
+            logits, first = call.block_logits(rows, workspace=space)
+            reducer.add(rows, logits, first, space, output)
+
+    threads = torch.get_num_threads()
+    reducer.kernel_threads = 1
+    torch.set_num_threads(1)
+    try:
+        pool = fused.executor("blocks", workers - 1)
+        futures = [pool.submit(lambda: work(_thread_workspace())) for _ in range(workers - 1)]
+        try:
+            work(workspace)
+        finally:
+            for future in futures:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
+        reducer.kernel_threads = None
