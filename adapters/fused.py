@@ -19,10 +19,12 @@ and adds nothing to the entropy; a NaN logit makes its row's softmax NaN, and wh
 reports for that row is then unspecified (it does not fail).
 
 torch's OpenMP threads spin for a while after each of torch's parallel operations (GNU OpenMP's
-default) and compete with these threads for the cores: with ``OMP_WAIT_POLICY=PASSIVE`` in the
-environment before torch is loaded, a 2-thread statistics + top-32 capture of 2 layers at 4096
-tokens went from 2.83x to 2.34x the plain forward (one measurement; the plain forward itself was 6% slower).
-The library does not set it: it must be set before torch starts, and it is the process's choice.
+default) and competed with this kernel's threads for the cores: with ``OMP_WAIT_POLICY=PASSIVE``
+set before torch loaded, a 2-thread statistics + top-32 capture of 2 layers at 4096 tokens went
+from 2.83x to 2.34x the plain forward. That is why :func:`~attnformat.adapters.reductions.reduce_call`
+now runs whole blocks on separate threads with torch single-threaded (no OpenMP team, nothing
+spinning) and calls this kernel with ``threads=1`` there: 2.29x to 1.96x on the same 2 layers
+with ``kernel="replace"``.
 
 The first call in a fresh environment compiles the kernel (a few seconds); numba caches the
 machine code beside this module (or in its user cache when the package directory is read-only).

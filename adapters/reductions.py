@@ -332,6 +332,10 @@ def reduce_call(call, keep: Keep, *, dense: bool, budget_bytes: int | None = Non
     call wants its attention output (``call.wants_output``: a tap with ``replace=True``), the
     output is computed from the same blocks.
 
+    With more than one torch thread and more than one block, the blocks are shared between that
+    many threads, each running torch single-threaded (``ATTNFORMAT_BLOCK_THREADS=0`` keeps them on
+    the calling thread, with torch's own threads inside each operation); the values are the same.
+
     Examples
     --------
     >>> import torch
