@@ -49,17 +49,33 @@ def rollout_matrices(layers: np.ndarray, *, residual: bool = True) -> np.ndarray
     >>> rollout_matrices(np.stack([layer, layer])).tolist()
     [[0.5625, 0.4375], [0.0, 1.0]]
     """
-    layers = np.nan_to_num(np.asarray(layers, dtype=np.float64))
+    layers = np.asarray(layers)
     size = layers.shape[-1]
-    result = np.eye(size)
-    for weights in layers:
+    result = None
+    for layer in layers:
+        # One float64 copy per layer, changed in place: the same values as the textbook steps
+        # (NaN to 0, + I, divide each row by its sum), without a new 2048^2 array per step.
+        weights = np.nan_to_num(np.array(layer, dtype=np.float64), copy=False)
         if residual:
             # (A + I) renormalised is the paper's 0.5 * A + 0.5 * I when rows of A sum to 1.
-            weights = weights + np.eye(size)
+            # Adding 0.0 everywhere, then 1.0 on the diagonal, is exactly A + I (a -0.0 becomes 0.0 too).
+            weights += 0.0
+            weights.flat[::size + 1] += 1.0
         totals = weights.sum(axis=-1, keepdims=True)
-        weights = np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0)
-        result = weights @ result
-    return result
+        np.divide(weights, totals, out=weights, where=totals > 0)
+        weights[~(totals[:, 0] > 0)] = 0.0  # a row that sums to 0 (or less) stays 0
+        result = _first_factor(weights) if result is None else weights @ result
+    return np.eye(size) if result is None else result
+
+
+def _first_factor(weights: np.ndarray) -> np.ndarray:
+    """``weights @ I`` (the first layer times the identity the product starts from), without the
+    matrix product where that is exact: for finite, non-negative weights each entry of ``W @ I`` is
+    ``w * 1`` plus zeros, which is ``w + 0.0``. Why: at 2048 tokens that product cost a second of
+    CPU per layer (measured), once per layer since each layer's factor is built alone."""
+    if weights.size and np.isfinite(weights).all() and weights.min() >= 0:
+        return np.add(weights, 0.0, out=weights)
+    return weights @ np.eye(weights.shape[-1])
 
 
 @documented
