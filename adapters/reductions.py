@@ -401,15 +401,20 @@ def _reduce_on_threads(call, reducer: RowReducer, output, slices: list[slice], w
     call.prepare_blocks()
     pending = iter(slices)
     lock = threading.Lock()
+    failed = threading.Event()
 
     def take():
         with lock:
-            return next(pending, None)
+            return None if failed.is_set() else next(pending, None)
 
     def work(space: Workspace) -> None:
-        while (rows := take()) is not None:
-            logits, first = call.block_logits(rows, workspace=space)
-            reducer.add(rows, logits, first, space, output)
+        try:
+            while (rows := take()) is not None:
+                logits, first = call.block_logits(rows, workspace=space)
+                reducer.add(rows, logits, first, space, output)
+        except BaseException:
+            failed.set()  # the other threads stop at their next block instead of finishing the call
+            raise
 
     threads = torch.get_num_threads()
     reducer.kernel_threads = 1

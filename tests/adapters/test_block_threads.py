@@ -120,6 +120,8 @@ def test_thread_count_comes_back_when_a_block_fails(monkeypatch, two_threads):
 
     monkeypatch.setattr(AttentionCall, "block_logits", failing)
     call = AttentionCall.from_tensors(torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8), is_causal=True)
+    budget = 2 * 32 * 4  # one row per block: 32 blocks
     with pytest.raises(RuntimeError, match="block failed"):
-        reduce_call(call, Keep(dense=False, top_k=2), dense=False, budget_bytes=2 * 32 * 4)
+        reduce_call(call, Keep(dense=False, top_k=2), dense=False, budget_bytes=budget)
     assert torch.get_num_threads() == 2
+    assert len(seen) < len(call.row_slices(budget)) - 8  # the other thread stopped soon after the failure
