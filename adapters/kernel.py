@@ -33,8 +33,6 @@ from attnformat.adapters.fused import MASKED_BELOW
 #: The reductions hold about three such blocks at once.
 DEFAULT_BLOCK_BYTES = 8 * 2**20
 _MIN = torch.finfo(torch.float32).min
-#: A logit at or below this is a masked key (masks put float32's minimum there); one threshold with the reductions.
-_MASKED_BELOW = MASKED_BELOW
 
 
 class AttentionCall:
@@ -248,7 +246,7 @@ class AttentionCall:
             if trim and mask_rows.dtype == torch.bool:
                 allowed = mask_rows
             elif trim:
-                allowed = mask_rows > _MASKED_BELOW
+                allowed = mask_rows > MASKED_BELOW
             if allowed is not None:
                 # Trim only when every row of every sample sees a key: eager spreads a row that sees
                 # none over every key.
@@ -406,7 +404,7 @@ class AttentionCall:
                 self._key_valid = torch.ones(self.batch, self.key_count, dtype=torch.bool)
             else:
                 mask = self._mask_4d()
-                allowed = mask if mask.dtype == torch.bool else mask > _MASKED_BELOW
+                allowed = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
                 self._key_valid = allowed.any(-2).any(-2).expand(self.batch, self.key_count).clone()
         return self._key_valid
 

@@ -32,9 +32,6 @@ import torch
 from attnformat.adapters import fused
 from attnformat.adapters.keep import Keep
 
-_MASKED_BELOW = fused.MASKED_BELOW  # the tap's threshold, shared with the compiled kernel
-
-
 class Workspace:
     """Buffers reused from block to block (and call to call), grown when a block needs more.
 
@@ -161,13 +158,11 @@ class RowReducer:
         # With numba, one compiled pass per row gives the top-k and every statistic (attnformat.adapters.fused).
         compiled = (self.statistics or self.top_k) and fused.available() and logits.shape[0] == self.batch
         top_values = top_index = maximum = None
-        if compiled:
-            pass
-        elif self.top_k:
+        if not compiled and self.top_k:
             # Top-k on the logits (softmax is monotonic); the largest is the row maximum.
             top_values, top_index = torch.topk(logits, min(self.top_k, width), dim=-1)
             maximum = top_values[..., :1]
-        elif "top_key" in self.statistics:
+        elif not compiled and "top_key" in self.statistics:
             maximum, top_index = logits.max(-1, keepdim=True)  # the row maximum and where it is, in one pass
         # torch's softmax, not exp(logit - max) / sum: its exp stays fast on masked cells (float32's
         # minimum) and on far-below-maximum logits, where torch.exp takes a slow path (~10x).
@@ -197,9 +192,9 @@ class RowReducer:
             self.out["entropy"][:, :, rows] = entropy.numpy()
         self._store_statistics(rows, keys, weights, max_weight, top_index, first_key)
         if self.top_k:
-            available = top_values > _MASKED_BELOW
+            available = top_values > fused.MASKED_BELOW
             # A row with no visible key is spread uniformly by the model (every logit equal): all keys count.
-            available |= (maximum <= _MASKED_BELOW)
+            available |= (maximum <= fused.MASKED_BELOW)
             kept_weights = torch.where(available, weights.gather(-1, top_index), torch.nan)
             kept = torch.where(available, kept_weights, 0).sum(-1)
             index = torch.where(available, top_index + first_key, -1)
