@@ -326,12 +326,13 @@ class AttentionCall:
         :meth:`add_output` covered every row)."""
         return self.value is not None
 
-    def add_output(self, rows: slice, first_key: int, weights: torch.Tensor) -> None:
+    def add_output(self, rows: slice, first_key: int, weights: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Add the attention output of ``rows`` from a block's weights over keys ``[first_key, first_key + width)``.
 
         ``weights`` (batch, heads, rows, width), contiguous. Keys outside the block weigh 0. Heads
         sharing a key head (grouped-query attention) are multiplied by its values without
-        repeating them.
+        repeating them. ``scale`` (batch, heads, rows), when given, multiplies each row of the
+        product: the weights are then a softmax's exponentials before normalisation.
 
         Examples
         --------
@@ -350,6 +351,8 @@ class AttentionCall:
         values = self._values_grouped()
         output = self._output_buffer()
         block = torch.bmm(weights.reshape(self.batch * self.key_heads, group * count, width), values[:, first_key:first_key + width])
+        if scale is not None:
+            block.mul_(scale.reshape(self.batch * self.key_heads, group * count, 1))
         output[:, rows] = block.view(self.batch, self.heads, count, -1).transpose(1, 2)
         with self._output_lock:  # blocks may run on several threads (reductions.reduce_call)
             self._output_rows += count

@@ -3,9 +3,12 @@
 A :class:`RowReducer` takes the logits of one attention call block by block (as
 :meth:`attnformat.adapters.kernel.AttentionCall.block_logits` gives them: masked cells at
 float32's minimum, keys outside the block's range known to weigh 0) and keeps only what a
-:class:`~attnformat.adapters.keep.Keep` asks for. Each block goes through one softmax (torch's:
-its exponential stays fast on masked cells and on logits far below the row's maximum, where
-``torch.exp`` takes a slow path about ten times slower):
+:class:`~attnformat.adapters.keep.Keep` asks for. Each block goes through one softmax. With
+numba it is the compiled kernel's (:mod:`attnformat.adapters.fused`), which gives the top-k and
+every statistic in the same pass over each row, and leaves the weights unnormalised when only
+the attention output needs them. Without numba it is torch's (its exponential stays fast on
+masked cells and on logits far below the row's maximum, where ``torch.exp`` takes a slow path
+about ten times slower), followed by torch's operators:
 
 - top-k on the logits (the same keys as on the weights, since softmax is monotonic), their
   weights gathered from the block, and the omitted mass ``1 - sum(kept)``;
@@ -155,23 +158,32 @@ class RowReducer:
         rows = slice(*rows.indices(self.query_count))
         width = logits.shape[-1]
         keys = slice(first_key, first_key + width)
-        # With numba, one compiled pass per row gives the top-k and every statistic (attnformat.adapters.fused).
-        compiled = (self.statistics or self.top_k) and fused.available() and logits.shape[0] == self.batch
+        # With numba, one compiled pass per row gives the softmax, the top-k and every statistic (attnformat.adapters.fused).
+        if (self.statistics or self.top_k) and fused.available() and logits.shape[0] == self.batch:
+            probabilities = "weights" in self.out or "head_mean" in self.out
+            weights = None
+            if output is not None or probabilities:
+                weights = workspace.take("weights", logits.shape) if workspace is not None else torch.empty(logits.shape)
+            # Unnormalised weights when only the output needs them: it is normalised row by row after the product.
+            scale = self._reduce_fused(rows, keys, logits, weights, first_key, normalize=probabilities)
+            if output is not None:
+                output(rows, first_key, weights, None if probabilities else scale)
+            if probabilities:
+                self._store_probabilities(rows, keys, weights)
+            return
         top_values = top_index = maximum = None
-        if not compiled and self.top_k:
+        if self.top_k:
             # Top-k on the logits (softmax is monotonic); the largest is the row maximum.
             top_values, top_index = torch.topk(logits, min(self.top_k, width), dim=-1)
             maximum = top_values[..., :1]
-        elif not compiled and "top_key" in self.statistics:
+        elif "top_key" in self.statistics:
             maximum, top_index = logits.max(-1, keepdim=True)  # the row maximum and where it is, in one pass
         # torch's softmax, not exp(logit - max) / sum: its exp stays fast on masked cells (float32's
         # minimum) and on far-below-maximum logits, where torch.exp takes a slow path (~10x).
         weights = _softmax(logits, workspace)
         if output is not None:
             output(rows, first_key, weights)
-        if compiled:
-            self._reduce_fused(rows, keys, logits, weights, first_key)
-        elif self.statistics or self.top_k:
+        if self.statistics or self.top_k:
             self._reduce_rows(rows, keys, logits, weights, top_values, top_index, maximum, first_key)
         if "weights" in self.out or "head_mean" in self.out:
             self._store_probabilities(rows, keys, weights)
@@ -203,8 +215,10 @@ class RowReducer:
             self.out["key_index"][:, :, rows, :count] = index.numpy()
             self.out["omitted_weight"][:, :, rows] = (1 - kept).clamp_(min=0).numpy()
 
-    def _reduce_fused(self, rows, keys, logits, weights, first_key) -> None:
-        """Top-k and statistics of one block with the compiled kernel (the same values as :meth:`_reduce_rows`)."""
+    def _reduce_fused(self, rows, keys, logits, weights, first_key, *, normalize: bool):
+        """Softmax (into ``weights`` when given), top-k and statistics of one block with the compiled
+        kernel (the same values as :meth:`_reduce_rows`); returns each row's normalising scale
+        (batch, heads, rows), which ``weights`` still needs unless ``normalize``."""
         batch, heads, count, width = logits.shape
         names = self.statistics
         sink_column = local_low = local_high = None
@@ -214,8 +228,9 @@ class RowReducer:
             positions = self.query_positions[rows].numpy() - keys.start
             local_low = np.tile(positions - self.window, batch * heads)
             local_high = np.tile(positions + self.window + 1, batch * heads)
-        out = fused.reduce_block(logits.contiguous().view(-1, width).numpy(), weights.contiguous().view(-1, width).numpy(),
-                                 self.top_k or 1, first_key=first_key, sink_column=sink_column, local_low=local_low,
+        out = fused.reduce_block(logits.contiguous().view(-1, width).numpy(), self.top_k or 1,
+                                 weights=None if weights is None else weights.view(-1, width).numpy(), normalize=normalize,
+                                 first_key=first_key, sink_column=sink_column, local_low=local_low,
                                  local_high=local_high, entropy="entropy" in names,
                                  threads=self.kernel_threads or torch.get_num_threads())
         shape = (batch, heads, count)
@@ -225,6 +240,7 @@ class RowReducer:
             self.out["topk_weights"][:, :, rows] = out["topk_weights"].reshape(*shape, -1)
             self.out["key_index"][:, :, rows] = out["key_index"].reshape(*shape, -1)
             self.out["omitted_weight"][:, :, rows] = out["omitted_weight"].reshape(shape)
+        return torch.from_numpy(out["scale"]).view(shape)
 
     def _store_probabilities(self, rows, keys, weights) -> None:
         """Store a block's weights as dense weights and/or head means."""
