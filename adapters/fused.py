@@ -310,26 +310,57 @@ def _rows(logits, weights, start, stop, kk, first_key, sink_column, local_low, l
 
 _compiled = None
 _compile_lock = threading.Lock()
+# The Python functions the kernel is compiled from (numba resolves a helper through this
+# module's globals, so compiling rebinds those names to the compiled helpers).
+_SOURCES = {function.__name__: function for function in (_group_maxima, _exp_negative, _insert, _bound, _exp_row, _top_keys, _rows)}
 
 
 def _kernel():
-    """The compiled :func:`_rows` (its helpers are compiled first: numba resolves them as globals)."""
-    global _compiled, _group_maxima, _insert, _bound, _top_keys, _float_from_bits, _exp_negative, _exp_row
-    with _compile_lock:
-        if _compiled is not None:
-            return _compiled
-        import numba
+    """The compiled :func:`_rows`, loaded from numba's cache or compiled.
 
-        jit = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract", "nsz"})
-        # Every fast-math flag for the group maxima only, so that they vectorise (NaN is handled by the callers).
-        _group_maxima = numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=True)(_group_maxima)
-        _float_from_bits = _bit_cast_intrinsic()
-        # No "reassoc" here: it would fold the two-part ln 2 reduction into one product (4 ulp at -87).
-        _exp_negative = numba.njit(nogil=True, cache=True, fastmath={"contract", "nsz"})(_exp_negative)
-        _insert, _bound, _exp_row = jit(_insert), jit(_bound), jit(_exp_row)
-        _top_keys = jit(_top_keys)
-        _compiled = jit(_rows)
+    A cache written by a process that imported this file under another module name (``pytest
+    --doctest-modules adapters/fused.py`` imports it as ``adapters.fused``) fails to load: numba
+    rebuilds the kernel's environment by importing the name it was compiled under. The kernel is
+    then compiled afresh without the cache rather than failing the capture, so a first call on a
+    tiny block loads (or compiles) it here, where that can be caught.
+    """
+    global _compiled
+    with _compile_lock:
+        if _compiled is None:
+            try:
+                _compiled = _warmed(_compile(cache=True))
+            except Exception:  # noqa: BLE001 - any failure to load a cache entry; a real compile error recurs below
+                _compiled = _warmed(_compile(cache=False))
         return _compiled
+
+
+def _compile(cache: bool):
+    """Compile the kernel's functions, helpers first (rebinding this module's names to them)."""
+    import numba
+
+    names = globals()
+    names.update(_SOURCES)
+    jit = numba.njit(nogil=True, cache=cache, boundscheck=False, fastmath={"reassoc", "contract", "nsz"})
+    # Every fast-math flag for the group maxima only, so that they vectorise (NaN is handled by the callers).
+    names["_group_maxima"] = numba.njit(nogil=True, cache=cache, boundscheck=False, fastmath=True)(_SOURCES["_group_maxima"])
+    names["_float_from_bits"] = _bit_cast_intrinsic()
+    # No "reassoc" here: it would fold the two-part ln 2 reduction into one product (4 ulp at -87).
+    names["_exp_negative"] = numba.njit(nogil=True, cache=cache, fastmath={"contract", "nsz"})(_SOURCES["_exp_negative"])
+    for name in ("_insert", "_bound", "_exp_row", "_top_keys"):
+        names[name] = jit(_SOURCES[name])
+    return jit(_SOURCES["_rows"])
+
+
+def _warmed(kernel):
+    """``kernel`` after one call on a tiny block, with the argument types every call uses."""
+    rows, keys, k = 2, 40, 2
+    logits = np.zeros((rows, keys), np.float32)
+    columns = np.zeros(rows, np.int64)
+    floats = [np.empty(rows, np.float32) for _ in range(6)]
+    kernel(logits, np.empty_like(logits), 0, rows, k, 0, columns, columns, columns, True, True, True,
+           np.empty((rows, k), np.float32), np.empty((rows, k), np.int64), floats[0], floats[1], floats[2],
+           np.empty(rows, np.int64), floats[3], floats[4], floats[5])
+    return kernel
 
 
 def _bit_cast_intrinsic():
@@ -433,6 +464,7 @@ def reduce_block(logits: np.ndarray, k: int, *, weights: np.ndarray | None = Non
     if not _HAVE_NUMBA:
         raise RuntimeError("attnformat.adapters.fused needs numba (pip install 'attnformat[torch]')")
     kernel = _kernel()
+    logits = np.ascontiguousarray(logits, np.float32)  # the one signature the kernel is warmed with
     rows = logits.shape[0]
     kk = max(1, int(k))
     none = np.full(rows, -1, np.int64)

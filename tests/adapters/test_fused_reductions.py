@@ -159,3 +159,32 @@ def test_a_forked_child_reduces_with_its_own_threads():
 
 def _reduce_in_child(logits):
     return fused.reduce_block(logits, 8, threads=2)["key_index"]
+
+
+def test_a_cache_written_under_another_module_name_does_not_fail_the_kernel(tmp_path):
+    """numba rebuilds a cached kernel by importing the module name it was compiled under; a cache
+    written by ``pytest --doctest-modules adapters/fused.py`` (module ``adapters.fused``) made every
+    later capture fail with ModuleNotFoundError. The kernel now compiles afresh instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = Path(fused.__file__)
+    environment = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    alias = (
+        "import importlib.util, sys, numpy as np\n"
+        f"spec = importlib.util.spec_from_file_location('another_name_for_fused', {str(source)!r})\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules['another_name_for_fused'] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "print(module.reduce_block(np.zeros((2, 40), np.float32), 4)['key_index'].tolist())\n"
+    )
+    usual = (
+        "import numpy as np\nfrom attnformat.adapters import fused\n"
+        "print(fused.reduce_block(np.array([[0, 3, 1, 2]], np.float32), 2)['key_index'].tolist())\n"
+    )
+    first = subprocess.run([sys.executable, "-c", alias], env=environment, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert any((tmp_path / "cache").rglob("*.nbi")), "the first process wrote no cache: the test would prove nothing"
+    second = subprocess.run([sys.executable, "-c", usual], env=environment, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "[[1, 3]]"
