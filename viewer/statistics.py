@@ -334,12 +334,7 @@ class _LocalPairs:
     def shared(cls, where, site, array, info: Locality, inner: list[str]) -> _LocalPairs:
         """The instance for these arguments kept on ``where`` (a :class:`~attnformat.compute.NodeRef`
         that every task of one call shares in this process), made on first use."""
-        key = (array.name, repr(info), tuple(inner))
-        with _SHARED_LOCK:
-            kept = where.__dict__.setdefault("_local_pairs", {})
-            if key not in kept:
-                kept[key] = cls(site, array, info, inner)
-            return kept[key]
+        return _kept_on(where, "_local_pairs", (array.name, repr(info), tuple(inner)), lambda: cls(site, array, info, inner))
 
     def _compute(self, chosen, rows):
         kind, sample = self.info.kind, chosen.get("sample")
@@ -374,6 +369,20 @@ class _LocalPairs:
 
 
 _SHARED_LOCK = threading.Lock()
+
+
+def _kept_on(where, name: str, key, make):
+    """``make()``, kept on ``where`` under ``name`` and ``key`` and made on first use.
+
+    ``where`` is the call's :class:`~attnformat.compute.NodeRef`: every task of one statistics
+    call that runs in this process holds the same one, so what is kept there is shared by the
+    call's threads and freed with the call. Kept in its instance dictionary (``vars``).
+    """
+    with _SHARED_LOCK:
+        kept = vars(where).setdefault(name, {})
+        if key not in kept:
+            kept[key] = make()
+        return kept[key]
 
 
 class _Masks(tuple):
@@ -415,8 +424,7 @@ class _Scratch:
     @classmethod
     def shared(cls, where) -> _Scratch:
         """The instance kept on ``where`` (every task of one call holds the same one in this process)."""
-        with _SHARED_LOCK:
-            return where.__dict__.setdefault("_statistics_scratch", cls())
+        return _kept_on(where, "_statistics_scratch", None, cls)
 
 
 def _rows_key(rows):
