@@ -188,3 +188,18 @@ def test_a_cache_written_under_another_module_name_does_not_fail_the_kernel(tmp_
     second = subprocess.run([sys.executable, "-c", usual], env=environment, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip() == "[[1, 3]]"
+
+
+@pytest.mark.parametrize("scale", [1e-3, 100.0, 1e4])
+def test_peaked_flat_and_windowed_rows_keep_the_reference_top_keys(scale):
+    """The top-k bound bisects between group maxima: rows whose logits span a tiny or a huge range,
+    and rows whose first keys are masked (a sliding window), must still give the exact top keys."""
+    rng = np.random.default_rng(int(scale * 10) % 1000)
+    logits = (rng.standard_normal((64, 3000)) * scale).astype(np.float32)
+    logits[:32, :1500] = MIN  # a window: the first half masked
+    logits[40:, ::7] = logits[40:, :1]  # repeated values: ties across groups
+    weights = np.empty_like(logits)
+    out = fused.reduce_block(logits, 32, weights=weights)
+    np.testing.assert_array_equal(out["key_index"], _reference_top(logits, 32))
+    np.testing.assert_allclose(weights, _softmax(logits), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(out["max_weight"], _softmax(logits).max(-1), rtol=1e-5)
