@@ -144,8 +144,9 @@ class RowReducer:
 
         The block is consumed (modified in place). A ``workspace`` holds the block-sized
         temporaries between blocks. ``output``, when given, is called as ``output(rows,
-        first_key, weights)`` with the block's weights (contiguous; what
-        :meth:`~attnformat.adapters.kernel.AttentionCall.add_output` takes).
+        first_key, weights, scale)`` with the block's weights (contiguous) and ``scale`` None, or
+        with the unnormalised exponentials and each row's ``scale`` (the compiled kernel when no
+        dense weights are kept): what :meth:`~attnformat.adapters.kernel.AttentionCall.add_output` takes.
 
         Examples
         --------
@@ -182,7 +183,7 @@ class RowReducer:
         # minimum) and on far-below-maximum logits, where torch.exp takes a slow path (~10x).
         weights = _softmax(logits, workspace)
         if output is not None:
-            output(rows, first_key, weights)
+            output(rows, first_key, weights, None)
         if self.statistics or self.top_k:
             self._reduce_rows(rows, keys, logits, weights, top_values, top_index, maximum, first_key)
         if "weights" in self.out or "head_mean" in self.out:
