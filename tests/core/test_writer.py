@@ -171,3 +171,28 @@ def test_write_behind_gives_the_same_file(tmp_path, write_behind):
     stored = attnformat.open(path)["self"]["weights"]
     np.testing.assert_array_equal(stored.sel(step=2).values, weights)
     np.testing.assert_array_equal(stored.sel(step=1).values, weights)
+
+
+@pytest.mark.parametrize("tensorstore", [False, True])
+def test_write_behind_stores_the_values_given_even_when_the_caller_reuses_its_buffer(tmp_path, monkeypatch, tensorstore):
+    """With write-behind, write returns while the region is still being stored, from a staging copy
+    reused from write to write: each stored region must hold the values as they were when written,
+    whatever the caller does with its buffer afterwards, across region sizes and a float64 input."""
+    if not tensorstore:
+        monkeypatch.setitem(sys.modules, "tensorstore", None)  # as if it were not installed: zarr-python writes
+    rng = np.random.default_rng(11)
+    expected = softmax(rng.normal(size=(3, 4, 16, 16)))
+    buffer = np.empty((4, 16, 16))  # float64: converted to the file's float32 on the way
+    path = tmp_path / "reused.zarr"
+    with attnformat.Writer(path, write_behind=True, model_name="toy", model_framework="numpy") as writer:
+        site = writer.create_site("self", sizes={"layer": 3, "head": 4, "query": 16, "key": 16}, attrs={"attention_type": "self", "causal": 0})
+        for head in range(4):  # small regions first
+            buffer[0] = expected[0, head]
+            site.write("weights", buffer[0], layer=0, head=head)
+            buffer[0] = np.nan  # the caller reuses its buffer at once
+        for layer in (1, 2):  # then whole layers
+            buffer[:] = expected[layer]
+            site.write("weights", buffer, layer=layer)
+            buffer[:] = -1.0
+    stored = attnformat.open(path)["self"]["weights"].values
+    np.testing.assert_array_equal(stored, expected.astype(np.float32))
