@@ -232,7 +232,7 @@ def _exp_row(x, w, maximum, write, local_low, local_high):
     n = x.shape[0]
     total = _ZERO
     weighted = _ZERO
-    if write:
+    if write:  # two loops, not a test inside one: each stays a straight vectorised loop
         for t in range(n):
             z = x[t] - maximum
             e = _exp_negative(z)
@@ -353,13 +353,9 @@ def _compile(cache: bool):
 
 def _warmed(kernel):
     """``kernel`` after one call on a tiny block, with the argument types every call uses."""
-    rows, keys, k = 2, 40, 2
-    logits = np.zeros((rows, keys), np.float32)
-    columns = np.zeros(rows, np.int64)
-    floats = [np.empty(rows, np.float32) for _ in range(6)]
-    kernel(logits, np.empty_like(logits), 0, rows, k, 0, columns, columns, columns, True, True, True,
-           np.empty((rows, k), np.float32), np.empty((rows, k), np.int64), floats[0], floats[1], floats[2],
-           np.empty(rows, np.int64), floats[3], floats[4], floats[5])
+    logits = np.zeros((2, 40), np.float32)
+    _, arguments, rest = _kernel_arguments(logits, 2, np.empty_like(logits), True, 0, None, None, None, True)
+    kernel(*arguments, 0, 2, *rest)
     return kernel
 
 
@@ -464,11 +460,29 @@ def reduce_block(logits: np.ndarray, k: int, *, weights: np.ndarray | None = Non
     if not _HAVE_NUMBA:
         raise RuntimeError("attnformat.adapters.fused needs numba (pip install 'attnformat[torch]')")
     kernel = _kernel()
-    logits = np.ascontiguousarray(logits, np.float32)  # the one signature the kernel is warmed with
+    out, arguments, rest = _kernel_arguments(logits, k, weights, normalize, first_key, sink_column, local_low, local_high, entropy)
+    rows = arguments[0].shape[0]
+    threads = max(1, min(int(threads), rows // 8 or 1))
+    if threads == 1:
+        kernel(*arguments, 0, rows, *rest)
+        return out
+    # More pieces than threads: a thread that shares its core with another process takes fewer of
+    # them, instead of holding the block back by half of it.
+    pieces = min(4 * threads, max(rows // 8, threads))
+    bounds = np.linspace(0, rows, pieces + 1).astype(int)
+    futures = [executor("rows", threads).submit(kernel, *arguments, int(a), int(b), *rest) for a, b in zip(bounds[:-1], bounds[1:])]
+    for future in futures:
+        future.result()
+    return out
+
+
+def _kernel_arguments(logits, k, weights, normalize, first_key, sink_column, local_low, local_high, entropy):
+    """``(out, (logits, weights), rest)``: the outputs of :func:`reduce_block` and the kernel's
+    arguments around its ``start, stop`` (one signature for every call, the warm-up's included)."""
+    logits = np.ascontiguousarray(logits, np.float32)
     rows = logits.shape[0]
     kk = max(1, int(k))
-    none = np.full(rows, -1, np.int64)
-    sink_column = none if sink_column is None else np.ascontiguousarray(sink_column, np.int64)
+    sink_column = np.full(rows, -1, np.int64) if sink_column is None else np.ascontiguousarray(sink_column, np.int64)
     local_low = np.zeros(rows, np.int64) if local_low is None else np.ascontiguousarray(local_low, np.int64)
     local_high = np.zeros(rows, np.int64) if local_high is None else np.ascontiguousarray(local_high, np.int64)
     write = weights is not None
@@ -483,19 +497,7 @@ def reduce_block(logits: np.ndarray, k: int, *, weights: np.ndarray | None = Non
         "sink_weight": np.empty(rows, np.float32), "local_weight": np.empty(rows, np.float32),
         "scale": np.empty(rows, np.float32),
     }
-    arguments = (logits, weights)
     rest = (kk, int(first_key), sink_column, local_low, local_high, bool(entropy), write, bool(normalize),
             out["topk_weights"], out["key_index"], out["omitted_weight"], out["max_weight"], out["entropy"], out["top_key"],
             out["sink_weight"], out["local_weight"], out["scale"])
-    threads = max(1, min(int(threads), rows // 8 or 1))
-    if threads == 1:
-        kernel(*arguments, 0, rows, *rest)
-        return out
-    # More pieces than threads: a thread that shares its core with another process takes fewer of
-    # them, instead of holding the block back by half of it.
-    pieces = min(4 * threads, max(rows // 8, threads))
-    bounds = np.linspace(0, rows, pieces + 1).astype(int)
-    futures = [executor("rows", threads).submit(kernel, *arguments, int(a), int(b), *rest) for a, b in zip(bounds[:-1], bounds[1:])]
-    for future in futures:
-        future.result()
-    return out
+    return out, (logits, weights), rest
